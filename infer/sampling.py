@@ -1,0 +1,88 @@
+"""Token sampling from a decoder: KV-cached when the text fits the context, sliding otherwise.
+
+This is the small, dependable path the trainer and notebooks use to print samples; each step
+function is jitted once per (batch, length) shape and reused for every token.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
+    """Draws one token per row from [B, V] logits; temperature 0 is greedy."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k"))
+def _cached_step(graphdef, state, tokens, cache, key, temperature, top_k):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(tokens, cache=cache)
+    return sample_logits(logits[:, -1], key, temperature, top_k), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k"))
+def _window_step(graphdef, state, window, length, key, temperature, top_k):
+    model = nnx.merge(graphdef, state)
+    logits = model(window)
+    return sample_logits(logits[:, length - 1], key, temperature, top_k)
+
+
+def sample(
+    model: nnx.Module,
+    prompt: list[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> list[int]:
+    """Continues `prompt` by `max_new_tokens` tokens; returns only the new tokens.
+
+    Args:
+      model: a `models.Decoder`.
+      prompt: token ids (at least one).
+      max_new_tokens: how many tokens to draw.
+      temperature: softmax temperature; 0 means greedy.
+      top_k: keep only the k most likely tokens before drawing.
+      seed: PRNG seed: the same seed gives the same text.
+    """
+    if not prompt:
+        raise ValueError("sample() needs a non-empty prompt (e.g. a newline or BOS token)")
+    cfg = model.cfg
+    graphdef, state = nnx.split(model)
+    key = jax.random.key(seed)
+    out: list[int] = []
+    total = len(prompt) + max_new_tokens
+    if total <= cfg.max_seq_len:
+        cache = model.init_cache(1, total)
+        tokens = jnp.asarray([prompt], jnp.int32)
+        for _ in range(max_new_tokens):
+            key, sub = jax.random.split(key)
+            next_token, cache = _cached_step(graphdef, state, tokens, cache, sub, temperature, top_k)
+            out.append(int(next_token[0]))
+            tokens = next_token[:, None]
+        return out
+    # The text outgrows the context: slide a fixed window (as nanoGPT's sampler crops).
+    window_len = cfg.max_seq_len
+    history = list(prompt)
+    for _ in range(max_new_tokens):
+        context = history[-window_len:]
+        window = np.zeros((1, window_len), np.int32)
+        window[0, : len(context)] = context
+        key, sub = jax.random.split(key)
+        next_token = _window_step(graphdef, state, jnp.asarray(window), len(context), sub, temperature, top_k)
+        history.append(int(next_token[0]))
+        out.append(history[-1])
+    return out

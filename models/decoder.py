@@ -1,0 +1,129 @@
+"""One decoder-only transformer whose `ModelConfig` expresses GPT-2 and Llama-style models.
+
+Layers are stacked along a leading `layers` axis and run with `jax.lax.scan`, so compile time
+does not grow with depth; each block is rematerialised by `cfg.remat_policy`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.layers import Block, Embed, KVCache, constrain, dropout, make_norm, normal, param, project
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Decoder(nnx.Module):
+    """GPT-2 / Llama / Qwen 2 / SmolLM2 decoder.
+
+    Call with tokens [B, T] to get float32 logits [B, T, V]; pass a cache from `init_cache` to
+    decode incrementally.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(cfg, rngs=rngs)
+        if cfg.position == "learned":
+            self.pos_embed = param(
+                rngs, normal(cfg.init_std), (cfg.max_seq_len, cfg.embed_dim), cfg.weight_dtype,
+                ("seq", "embed"),
+            )
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(
+            in_axes=(0,), out_axes=0,
+            transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
+        )
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)  # every parameter has a leading [L] axis
+        self.final_norm = make_norm(cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(
+                rngs, normal(cfg.init_std), (cfg.embed_dim, cfg.vocab_size), cfg.weight_dtype,
+                ("embed", "vocab"),
+            )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+        dropout_key: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None] | jax.Array:
+        """Runs the decoder.
+
+        Args:
+          tokens: [B, T] int token ids.
+          positions: [B, T] positions; defaults to 0..T-1 (offset by `cache.index` when decoding).
+            Packed sequences pass positions that restart at every segment.
+          segment_ids: [B, T] packing ids, 0 = padding; None means one sequence per row.
+          cache: a stacked KVCache from `init_cache` (leading L axis), or None.
+          dropout_key: a PRNG key to enable dropout (training); None disables it.
+
+        Returns:
+          float32 logits [B, T, V] when `cache` is None, else (logits, updated cache).
+        """
+        cfg = self.cfg
+        batch, seq = tokens.shape
+        if positions is None:
+            offset = 0 if cache is None else cache.index[0]
+            positions = jnp.broadcast_to(offset + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        x = self.embed(tokens)
+        if cfg.position == "learned":
+            x = x + jnp.take(self.pos_embed.value, positions, axis=0).astype(x.dtype)
+        keys = (None,) * 3
+        if dropout_key is not None:
+            keys = tuple(jax.random.split(dropout_key, 3))
+            keys = (keys[0], jax.random.split(keys[1], cfg.num_layers), keys[2])
+        x = dropout(x, cfg.dropout_rate, keys[0])
+        x = constrain(x, ("batch", "seq", "embed"))
+
+        graphdef, block_state = nnx.split(self.blocks)
+
+        def layer(x, per_layer):
+            state, layer_cache, key = per_layer
+            block = nnx.merge(graphdef, state)
+            return block(x, positions, segment_ids, layer_cache, key)
+
+        if cfg.remat_policy != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat_policy])
+        x, new_cache = jax.lax.scan(
+            layer, x, (block_state, cache, keys[1]), unroll=cfg.scan_unroll
+        )
+
+        x = self.final_norm(x)
+        if cfg.tie_embeddings:
+            logits = self.embed.attend(x)
+        else:
+            logits = project(x, self.lm_head.value.astype(x.dtype))
+        logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+        return logits if cache is None else (logits, new_cache)
+
+    def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
+        """An empty stacked cache: key/value [L, B, S, K, H], index [L] (all layers in step)."""
+        cfg = self.cfg
+        max_len = max_len or cfg.max_seq_len
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        dtype = dtype or cfg.compute_dtype
+        return KVCache(
+            jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+            jnp.zeros((cfg.num_layers,), jnp.int32),
+        )
+
+
+def logical_axes(state: nnx.State) -> nnx.State:
+    """The logical axis names of every parameter in a model state, as a matching pytree."""
+    return jax.tree.map(
+        lambda v: v.get_metadata().get("logical_axes"), state,
+        is_leaf=lambda v: isinstance(v, nnx.Variable),
+    )

@@ -1,0 +1,354 @@
+"""The one layer library: embeddings, norms, RoPE, attention, MLPs and the decoder block.
+
+Einsum and shape letters, the same in every file: B batch, T query time, S key time, D embed,
+F mlp, N query heads, K kv heads, G query heads per kv head (N = K * G), H head_dim, V vocab,
+L layers.
+
+Every parameter carries `logical_axes` metadata (e.g. ("embed", "mlp")); `parallel/` maps those
+names to mesh axes. Activations are annotated with `constrain`, which is a no-op unless
+`parallel/` has installed sharding rules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+
+# ------------------------------------------------------------------------------------------------
+# Parameters and activation sharding hooks.
+
+# Set by parallel.sharding.use_rules(): a function (array, logical axis names) -> array that
+# applies with_sharding_constraint. Model code only ever names logical axes.
+_ACTIVATION_CONSTRAINT: list[Callable[[jax.Array, tuple[str | None, ...]], jax.Array]] = []
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    """Annotates an activation with logical axis names (a no-op outside a sharding context)."""
+    if _ACTIVATION_CONSTRAINT:
+        return _ACTIVATION_CONSTRAINT[-1](x, logical_axes)
+    return x
+
+
+def param(rngs: nnx.Rngs, init, shape, dtype, logical_axes: tuple[str, ...]) -> nnx.Param:
+    """Creates a parameter whose metadata names its logical axes, one per dimension."""
+    if len(shape) != len(logical_axes):
+        raise ValueError(f"shape {shape} and logical axes {logical_axes} differ in rank")
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=logical_axes)
+
+
+def normal(std: float):
+    return jax.nn.initializers.normal(stddev=std)
+
+
+def project(x: jax.Array, w: jax.Array, num_contract: int = 1) -> jax.Array:
+    """Contracts the last `num_contract` dims of x with the first ones of w as one 2-D matmul.
+
+    `project(x[B, T, D], w[D, N, H])` is einsum("BTD,DNH->BTNH"). Flattening to
+    [B*T, D] @ [D, N*H] is free (a bitcast) and lets XLA:CPU differentiate the dot without the
+    transposes it inserts for multi-batch-dim einsums (about 2x faster backward on CPU).
+    """
+    contract = math.prod(w.shape[:num_contract])
+    lead = x.shape[: x.ndim - num_contract]
+    y = x.reshape(-1, contract) @ w.reshape(contract, -1)
+    return y.reshape(lead + w.shape[num_contract:])
+
+
+# ------------------------------------------------------------------------------------------------
+# Norms.
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm (Zhang & Sennrich 2019), computed in float32; Llama's `weight * x / rms(x)`."""
+
+    def __init__(self, dim: int, eps: float, param_dtype, *, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, jax.nn.initializers.ones, (dim,), param_dtype, ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias (GPT-2), computed in float32."""
+
+    def __init__(self, dim: int, eps: float, param_dtype, *, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, jax.nn.initializers.ones, (dim,), param_dtype, ("norm",))
+        self.bias = param(rngs, jax.nn.initializers.zeros, (dim,), param_dtype, ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> RMSNorm | LayerNorm:
+    cls = RMSNorm if cfg.norm == "rmsnorm" else LayerNorm
+    return cls(cfg.embed_dim, cfg.norm_eps, cfg.weight_dtype, rngs=rngs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Positions.
+
+
+def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
+    """Inverse frequencies theta^(-2i/H), i < H/2 (RoFormer, Su et al. 2021, eq. 15)."""
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotates pairs (x_i, x_{i + H/2}) by position * freq_i: the Llama / Hugging Face layout.
+
+    Args:
+      x: [B, T, N, H] queries or keys.
+      positions: [B, T] integer positions.
+      theta: RoPE base.
+
+    Returns:
+      [B, T, N, H], same dtype as x.
+    """
+    head_dim = x.shape[-1]
+    angles = positions[..., None].astype(jnp.float32) * rope_frequencies(head_dim, theta)
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # [B, T, 1, H/2]
+    x32 = x.astype(jnp.float32)
+    first, second = x32[..., : head_dim // 2], x32[..., head_dim // 2 :]
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table, also usable as the tied LM head (`attend`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.dtype = cfg.compute_dtype
+        self.embedding = param(
+            rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.embed_dim), cfg.weight_dtype,
+            ("vocab", "embed"),
+        )
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """[B, T] int -> [B, T, D]."""
+        return jnp.take(self.embedding.value, tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """[B, T, D] -> logits [B, T, V]."""
+        return project(x, self.embedding.value.astype(self.dtype).T)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention.
+
+
+class KVCache(NamedTuple):
+    """Per-layer key/value cache. `key`/`value`: [B, S, K, H]; `index`: scalar write position.
+
+    Stacked over layers (a leading L axis) when it lives in the scanned decoder.
+    """
+
+    key: jax.Array
+    value: jax.Array
+    index: jax.Array
+
+
+def make_attention_mask(
+    query_positions: jax.Array,
+    key_positions: jax.Array,
+    query_segments: jax.Array | None,
+    key_segments: jax.Array | None,
+    causal: bool = True,
+) -> jax.Array:
+    """Boolean [B, 1, 1, T, S] mask: True where query t may attend to key s.
+
+    Segment id 0 marks padding (attends to nothing, is attended by nothing); equal non-zero
+    segment ids mark one packed sequence, so packed examples never see each other.
+    """
+    mask = jnp.ones(query_positions.shape[:1] + (query_positions.shape[1], key_positions.shape[1]), bool)
+    if causal:
+        mask &= query_positions[:, :, None] >= key_positions[:, None, :]
+    if query_segments is not None and key_segments is not None:
+        mask &= query_segments[:, :, None] == key_segments[:, None, :]
+        mask &= (key_segments != 0)[:, None, :]
+    return mask[:, None, None, :, :]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Plain XLA attention with grouped heads; softmax in float32.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, K, H] with N = K * G; mask: [B, 1, 1, T, S] bool.
+
+    Returns:
+      [B, T, N, H].
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(h)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    # A fully masked row (a padding query) becomes uniform, not NaN; its output is never used.
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with grouped KV heads (MHA / GQA / MQA), optional RoPE and cache."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        init, pd = normal(cfg.init_std), cfg.weight_dtype
+        # Residual projections scaled by 1/sqrt(2L) (GPT-2 paper, section 2.3).
+        out_init = normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
+        self.q_proj = param(rngs, init, (d, n, h), pd, ("embed", "heads", "head_dim"))
+        self.k_proj = param(rngs, init, (d, k, h), pd, ("embed", "kv_heads", "head_dim"))
+        self.v_proj = param(rngs, init, (d, k, h), pd, ("embed", "kv_heads", "head_dim"))
+        self.o_proj = param(rngs, out_init, (n, h, d), pd, ("heads", "head_dim", "embed"))
+        zeros = jax.nn.initializers.zeros
+        if cfg.qkv_bias:
+            self.q_bias = param(rngs, zeros, (n, h), pd, ("heads", "head_dim"))
+            self.k_bias = param(rngs, zeros, (k, h), pd, ("kv_heads", "head_dim"))
+            self.v_bias = param(rngs, zeros, (k, h), pd, ("kv_heads", "head_dim"))
+        if cfg.out_bias:
+            self.o_bias = param(rngs, zeros, (d,), pd, ("embed",))
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Self-attention.
+
+        Args:
+          x: [B, T, D] input.
+          positions: [B, T] positions of x (absolute; offset by the cache index when decoding).
+          segment_ids: [B, T] packing / padding ids (0 = padding), or None.
+          cache: this layer's KVCache; the new keys/values are written at `cache.index`.
+
+        Returns:
+          ([B, T, D] output, updated cache or None).
+        """
+        cfg, dtype = self.cfg, self.cfg.compute_dtype
+        # One [D, N + 2K, H] matmul instead of three: fewer, larger dots (and their gradients).
+        qkv_proj = jnp.concatenate([self.q_proj.value, self.k_proj.value, self.v_proj.value], axis=1)
+        qkv = project(x, qkv_proj.astype(dtype))  # [B, T, N + 2K, H]
+        q, k, v = jnp.split(qkv, [cfg.num_heads, cfg.num_heads + cfg.num_kv_heads], axis=2)
+        if cfg.qkv_bias:
+            q = q + self.q_bias.value.astype(dtype)
+            k = k + self.k_bias.value.astype(dtype)
+            v = v + self.v_bias.value.astype(dtype)
+        if cfg.position == "rope":
+            q = apply_rope(q, positions, cfg.rope_theta)
+            k = apply_rope(k, positions, cfg.rope_theta)
+        q = constrain(q, ("batch", "seq", "heads", "head_dim"))
+
+        if cache is None:
+            mask = make_attention_mask(positions, positions, segment_ids, segment_ids)
+        else:
+            # Decoding: write the new keys at the cursor, attend over every written slot.
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), cache.index, 1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), cache.index, 1)
+            cache = KVCache(k_all, v_all, cache.index + x.shape[1])
+            slots = jnp.arange(k_all.shape[1])[None, :]
+            key_positions = jnp.broadcast_to(slots, (x.shape[0], k_all.shape[1]))
+            mask = make_attention_mask(positions, key_positions, None, None)
+            mask &= (slots < cache.index)[:, None, None, None, :]
+            k, v = k_all.astype(dtype), v_all.astype(dtype)
+
+        out = dot_product_attention(q, k, v, mask)
+        out = project(out, self.o_proj.value.astype(dtype), num_contract=2)  # [B, T, D]
+        if cfg.out_bias:
+            out = out + self.o_bias.value.astype(dtype)
+        return out, cache
+
+
+# ------------------------------------------------------------------------------------------------
+# MLPs.
+
+
+class MLP(nnx.Module):
+    """Feed-forward block: GELU (GPT-2) or SwiGLU (Shazeer 2020; Llama)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, f, pd = cfg.embed_dim, cfg.mlp_dim, cfg.weight_dtype
+        init = normal(cfg.init_std)
+        out_init = normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
+        zeros = jax.nn.initializers.zeros
+        if cfg.mlp_activation == "swiglu":
+            self.gate_proj = param(rngs, init, (d, f), pd, ("embed", "mlp"))
+        self.up_proj = param(rngs, init, (d, f), pd, ("embed", "mlp"))
+        self.down_proj = param(rngs, out_init, (f, d), pd, ("mlp", "embed"))
+        if cfg.out_bias:
+            self.up_bias = param(rngs, zeros, (f,), pd, ("mlp",))
+            self.down_bias = param(rngs, zeros, (d,), pd, ("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, T, D] -> [B, T, D]."""
+        cfg, dtype = self.cfg, self.cfg.compute_dtype
+        up = project(x, self.up_proj.value.astype(dtype))
+        if cfg.out_bias:
+            up = up + self.up_bias.value.astype(dtype)
+        if cfg.mlp_activation == "swiglu":
+            gate = project(x, self.gate_proj.value.astype(dtype))
+            hidden = jax.nn.silu(gate) * up
+        else:
+            hidden = jax.nn.gelu(up, approximate=True)
+        hidden = constrain(hidden, ("batch", "seq", "mlp"))
+        out = project(hidden, self.down_proj.value.astype(dtype))
+        if cfg.out_bias:
+            out = out + self.down_bias.value.astype(dtype)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The block.
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout with an explicit key; identity when key is None (evaluation)."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attn_norm = make_norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = make_norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None,
+        cache: KVCache | None,
+        dropout_key: jax.Array | None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        rate = self.cfg.dropout_rate
+        keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
+        x = x + dropout(h, rate, keys[0])
+        x = x + dropout(self.mlp(self.mlp_norm(x)), rate, keys[1])
+        return constrain(x, ("batch", "seq", "embed")), cache

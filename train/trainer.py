@@ -1,0 +1,344 @@
+"""The trainer: build model, data and optimizer from a config, then train, evaluate, checkpoint.
+
+`train_and_evaluate(config, workdir)` is the whole run; `python -m train` and notebooks call it.
+The train state is a plain pytree {"step", "params", "opt_state"} of arrays, so optax, orbax and
+`jax.jit` shardings all see the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from infer.sampling import sample
+from models.config import ModelConfig
+from models.decoder import Decoder
+from train.checkpoint import Checkpointer
+from train.input_pipeline import DataBundle, build_datasets
+from train.metrics import MetricWriter, progress_bar
+from train.optimizer import make_optimizer
+
+log = logging.getLogger(__name__)
+
+# Dense peak FLOP/s per device for MFU (bf16 tensor cores; fp32 matmul peak for CPU is unknown
+# and has to be given as train.peak_flops or measured by the benchmark).
+PEAK_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient became NaN/inf; the run stopped and the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    final_step: int
+    train_loss: float
+    val_loss: float | None
+    metrics_path: pathlib.Path
+    samples: list[str]
+    elapsed_s: float
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+    """The typed model config of an experiment; vocab_size 0 means the tokenizer's size."""
+    values = config.model.to_dict()
+    if not values.get("vocab_size"):
+        values["vocab_size"] = vocab_size
+    if values["vocab_size"] < vocab_size:
+        raise ValueError(
+            f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's {vocab_size}"
+        )
+    if config.data.seq_len > values["max_seq_len"]:
+        raise ValueError(
+            f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={values['max_seq_len']}"
+        )
+    return ModelConfig.from_dict(values)
+
+
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array | None, z_loss: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Mean token cross entropy (+ z-loss); returns (total loss, cross entropy, token count).
+
+    Args:
+      logits: [B, T, V] float32.
+      targets: [B, T] int.
+      weights: [B, T] 0/1 mask of tokens that count, or None for all.
+      z_loss: coefficient of log(Z)^2 (PaLM, section 5), which keeps the softmax normaliser near 1.
+    """
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    token_loss = log_z - target_logit
+    if weights is None:
+        weights = jnp.ones_like(token_loss)
+    count = jnp.maximum(weights.sum(), 1.0)
+    ce = (token_loss * weights).sum() / count
+    total = ce + z_loss * (jnp.square(log_z) * weights).sum() / count
+    return total, ce, count
+
+
+def init_train_state(
+    model_cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int
+) -> tuple[nnx.GraphDef, dict]:
+    model = Decoder(model_cfg, rngs=nnx.Rngs(params=seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(params)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+    return graphdef, state
+
+
+def make_train_step(graphdef, optimizer, z_loss: float, grad_accum_steps: int, dropout: bool):
+    """A jitted step: (state, batch, key) -> (state, metrics). Skips the update on NaN/inf."""
+
+    def loss_fn(params, batch, key):
+        model = nnx.merge(graphdef, params)
+        logits = model(
+            batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+            dropout_key=key if dropout else None,
+        )
+        total, ce, count = cross_entropy(logits, batch["targets"], batch.get("weights"), z_loss)
+        return total, (ce, count)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step_fn(state, batch, base_key):
+        key = jax.random.fold_in(base_key, state["step"])
+        params = state["params"]
+        if grad_accum_steps == 1:
+            (loss, (ce, _)), grads = grad_fn(params, batch, key)
+        else:
+            micro = jax.tree.map(
+                lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch
+            )
+
+            def accumulate(carry, xs):
+                micro_batch, i = xs
+                (loss, (ce, _)), grads = grad_fn(params, micro_batch, jax.random.fold_in(key, i))
+                carry = jax.tree.map(jnp.add, carry, (loss, ce, grads))
+                return carry, None
+
+            zeros = (0.0, 0.0, jax.tree.map(jnp.zeros_like, params))
+            (loss, ce, grads), _ = jax.lax.scan(
+                accumulate, zeros, (micro, jnp.arange(grad_accum_steps))
+            )
+            loss, ce, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, ce, grads))
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A bad step leaves the state untouched; the host stops the run at the next check.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = {
+            "step": state["step"] + 1,
+            "params": keep(new_params, params),
+            "opt_state": keep(opt_state, state["opt_state"]),
+        }
+        metrics = {"loss": loss, "cross_entropy": ce, "grad_norm": grad_norm, "finite": finite}
+        return new_state, metrics
+
+    return jax.jit(step_fn, donate_argnums=(0,))
+
+
+def make_eval_step(graphdef):
+    @jax.jit
+    def eval_step(params, batch):
+        model = nnx.merge(graphdef, params)
+        logits = model(batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+        _, ce, count = cross_entropy(logits, batch["targets"], batch.get("weights"), 0.0)
+        return ce * count, count
+
+    return eval_step
+
+
+def evaluate(eval_step, params, batches: list[dict]) -> dict[str, float]:
+    """Token-weighted mean loss and perplexity over the validation batches."""
+    total, count = 0.0, 0.0
+    for batch in batches:
+        loss_sum, n = eval_step(params, batch)
+        total, count = total + loss_sum, count + n
+    loss = float(total / count)
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+
+def peak_flops(config_value: float) -> float | None:
+    if config_value:
+        return config_value * jax.device_count()
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops * jax.device_count()
+    return None
+
+
+def sample_text(graphdef, params, data: DataBundle, config, seed: int = 0) -> str:
+    tcfg = config.train
+    model = nnx.merge(graphdef, params)
+    prompt = data.tokenizer.encode(tcfg.sample_prompt) or [0]
+    tokens = sample(
+        model, prompt, tcfg.sample_tokens, temperature=tcfg.sample_temperature,
+        top_k=tcfg.sample_top_k or None, seed=seed,
+    )
+    return tcfg.sample_prompt + data.tokenizer.decode(tokens)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> TrainResult:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+    start_time = time.time()
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tcfg = config.train
+    if config.data.batch_size % tcfg.grad_accum_steps:
+        raise ValueError(
+            f"data.batch_size={config.data.batch_size} is not divisible by "
+            f"train.grad_accum_steps={tcfg.grad_accum_steps}"
+        )
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    optimizer, schedule = make_optimizer(config.optimizer, tcfg.num_steps)  # fail before data
+    data = build_datasets(config.data, workdir, jax.process_index(), jax.process_count())
+    model_cfg = model_config_from(config, data.tokenizer.vocab_size)
+    graphdef, state = init_train_state(model_cfg, optimizer, tcfg.seed)
+    (workdir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2))
+
+    checkpointer = Checkpointer(
+        workdir / "checkpoints", keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint
+    )
+    train_iter = iter(data.train_ds)
+    start_step = 0
+    if (latest := checkpointer.latest_step()) is not None:
+        state, data_state, _ = checkpointer.restore(latest, state)
+        train_iter.set_state(data_state)
+        start_step = int(state["step"])
+        print(f"Resumed from step {start_step} ({workdir / 'checkpoints'})", flush=True)
+
+    train_step = make_train_step(
+        graphdef, optimizer, tcfg.z_loss, tcfg.grad_accum_steps, model_cfg.dropout_rate > 0
+    )
+    eval_step = make_eval_step(graphdef)
+    base_key = jax.random.key(tcfg.seed + 1)
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    flops_per_step = model_cfg.flops_per_token(config.data.seq_len) * tokens_per_step
+    peak = peak_flops(tcfg.peak_flops)
+    print(
+        f"Model: {model_cfg.num_params() / 1e6:.2f}M parameters, vocab {model_cfg.vocab_size}; "
+        f"train {data.num_train_tokens:,} tokens, val {data.num_val_tokens:,} tokens",
+        flush=True,
+    )
+
+    writer = MetricWriter(workdir, tensorboard=tcfg.tensorboard)
+    bar = progress_bar(tcfg.num_steps, start_step, enabled=tcfg.progress_bar)
+    last_metrics: dict[str, Any] = {}
+    val_loss = None
+    window_start, window_steps = time.perf_counter(), 0
+
+    def save(step: int) -> None:
+        checkpointer.save(step, state, train_iter.get_state(), {"step": step, "val_loss": val_loss})
+
+    try:
+        for step in range(start_step, tcfg.num_steps):
+            batch = next(train_iter)
+            state, metrics = train_step(state, batch, base_key)
+            window_steps += 1
+            done = step + 1
+            is_last = done == tcfg.num_steps
+            if done % tcfg.log_every == 0 or is_last:
+                metrics = jax.device_get(metrics)
+                if not metrics["finite"]:
+                    raise NonFiniteLossError(
+                        f"loss became {metrics['loss']} (grad norm {metrics['grad_norm']}) by step "
+                        f"{done}; stopping. The last good checkpoint is kept in "
+                        f"{workdir / 'checkpoints'} (step {checkpointer.latest_step()})."
+                    )
+                elapsed = time.perf_counter() - window_start
+                step_time = elapsed / window_steps
+                last_metrics = {
+                    "loss": metrics["loss"], "cross_entropy": metrics["cross_entropy"],
+                    "grad_norm": metrics["grad_norm"], "learning_rate": schedule(step),
+                    "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
+                }
+                if peak:
+                    last_metrics["mfu"] = flops_per_step / step_time / peak
+                writer.write(done, last_metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_step / step_time:,.0f}")
+                window_start, window_steps = time.perf_counter(), 0
+            if done % tcfg.eval_every == 0 or is_last:
+                eval_metrics = evaluate(eval_step, state["params"], data.eval_batches)
+                val_loss = eval_metrics["val_loss"]
+                writer.write(done, eval_metrics)
+                bar.write(
+                    f"step {done}: train loss {last_metrics.get('loss', float('nan')):.4f}, "
+                    f"val loss {val_loss:.4f} ({time.time() - start_time:.0f} s)"
+                )
+                window_start, window_steps = time.perf_counter(), 0  # eval time is not step time
+            if done % tcfg.checkpoint_every == 0 or is_last:
+                if not bool(jax.device_get(metrics["finite"])):
+                    raise NonFiniteLossError(
+                        f"loss became non-finite by step {done}; stopping without saving it. "
+                        f"Last good checkpoint: step {checkpointer.latest_step()}."
+                    )
+                save(done)
+            bar.update(1)
+    finally:
+        bar.close()
+        checkpointer.close()
+        writer.close()
+
+    samples = []
+    if tcfg.sample_tokens:
+        text = sample_text(graphdef, state["params"], data, config, seed=tcfg.seed)
+        samples.append(text)
+        print("-" * 30 + " sample " + "-" * 30 + f"\n{text}\n" + "-" * 68, flush=True)
+    elapsed = time.time() - start_time
+    print(f"Done: step {tcfg.num_steps}, val loss {val_loss}, {elapsed:.0f} s", flush=True)
+    return TrainResult(
+        final_step=int(state["step"]), train_loss=float(last_metrics.get("loss", np.nan)),
+        val_loss=val_loss, metrics_path=workdir / "metrics.jsonl", samples=samples,
+        elapsed_s=elapsed,
+    )
+
+
+def load_for_inference(workdir: str | pathlib.Path) -> tuple[Decoder, Any]:
+    """Rebuilds the trained model (latest checkpoint) and its tokenizer from a run directory."""
+    from train.tokenizers import load_tokenizer
+
+    workdir = pathlib.Path(workdir)
+    model_cfg = ModelConfig.from_dict(json.loads((workdir / "model_config.json").read_text()))
+    model = Decoder(model_cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+    restored = checkpointer.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )
+    checkpointer.close()
+    params = jax.tree.map(jnp.asarray, restored.state["params"])
+    model = nnx.merge(graphdef, params)
+    return model, load_tokenizer(workdir / "tokenizer")
+
