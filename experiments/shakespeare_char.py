@@ -26,6 +26,7 @@ def get_config(arg=None):
 
     m = config.model
     m.norm, m.mlp_activation, m.position = "layernorm", "gelu", "learned"  # GPT-2 style
+    m.tie_embeddings = True
     m.num_layers, m.num_heads, m.embed_dim, m.mlp_dim = 4, 4, 128, 512
     m.max_seq_len = config.data.seq_len = 64
     m.scan_unroll = m.num_layers  # small model on CPU: unrolled layers run ~30% faster

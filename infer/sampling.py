@@ -14,7 +14,9 @@ import numpy as np
 from flax import nnx
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
+def sample_logits(
+    logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None
+) -> jax.Array:
     """Draws one token per row from [B, V] logits; temperature 0 is greedy."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -70,7 +72,9 @@ def sample(
         tokens = jnp.asarray([prompt], jnp.int32)
         for _ in range(max_new_tokens):
             key, sub = jax.random.split(key)
-            next_token, cache = _cached_step(graphdef, state, tokens, cache, sub, temperature, top_k)
+            next_token, cache = _cached_step(
+                graphdef, state, tokens, cache, sub, temperature, top_k
+            )
             out.append(int(next_token[0]))
             tokens = next_token[:, None]
         return out
@@ -82,7 +86,9 @@ def sample(
         window = np.zeros((1, window_len), np.int32)
         window[0, : len(context)] = context
         key, sub = jax.random.split(key)
-        next_token = _window_step(graphdef, state, jnp.asarray(window), len(context), sub, temperature, top_k)
+        next_token = _window_step(
+            graphdef, state, jnp.asarray(window), len(context), sub, temperature, top_k
+        )
         history.append(int(next_token[0]))
         out.append(history[-1])
     return out

@@ -135,7 +135,9 @@ class ModelConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - fields)
         if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; valid keys are {sorted(fields)}")
+            raise ValueError(
+                f"unknown model config keys {unknown}; valid keys are {sorted(fields)}"
+            )
         return cls(**dict(values))
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,42 +186,86 @@ class ModelConfig:
 
 def gpt2(size: str = "124m") -> ModelConfig:
     """GPT-2 (Radford et al. 2019): learned positions, LayerNorm, GELU, biases, tied head."""
-    shapes = {"124m": (12, 768, 12), "355m": (24, 1024, 16), "774m": (36, 1280, 20),
-              "1.5b": (48, 1600, 25)}
+    shapes = {
+        "124m": (12, 768, 12),
+        "355m": (24, 1024, 16),
+        "774m": (36, 1280, 20),
+        "1.5b": (48, 1600, 25),
+    }
     if size not in shapes:
         raise ValueError(f"unknown GPT-2 size {size!r}; choose from {sorted(shapes)}")
     layers, dim, heads = shapes[size]
     return ModelConfig(
-        vocab_size=50257, num_layers=layers, embed_dim=dim, num_heads=heads, mlp_dim=4 * dim,
-        max_seq_len=1024, norm="layernorm", norm_eps=1e-5, mlp_activation="gelu",
-        position="learned", qkv_bias=True, out_bias=True, tie_embeddings=True,
+        vocab_size=50257,
+        num_layers=layers,
+        embed_dim=dim,
+        num_heads=heads,
+        mlp_dim=4 * dim,
+        max_seq_len=1024,
+        norm="layernorm",
+        norm_eps=1e-5,
+        mlp_activation="gelu",
+        position="learned",
+        qkv_bias=True,
+        out_bias=True,
+        tie_embeddings=True,
     )
 
 
 def smollm2_135m() -> ModelConfig:
     """SmolLM2-135M (HuggingFaceTB): Llama architecture, GQA 9/3, tied embeddings."""
     return ModelConfig(
-        vocab_size=49152, num_layers=30, embed_dim=576, num_heads=9, num_kv_heads=3,
-        mlp_dim=1536, max_seq_len=8192, norm="rmsnorm", norm_eps=1e-5, mlp_activation="swiglu",
-        position="rope", rope_theta=100000.0, tie_embeddings=True,
+        vocab_size=49152,
+        num_layers=30,
+        embed_dim=576,
+        num_heads=9,
+        num_kv_heads=3,
+        mlp_dim=1536,
+        max_seq_len=8192,
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        mlp_activation="swiglu",
+        position="rope",
+        rope_theta=100000.0,
+        tie_embeddings=True,
     )
 
 
 def llama3_8b() -> ModelConfig:
     """Llama 3 8B (Meta): GQA 32/8, RoPE base 500000, 128k vocabulary."""
     return ModelConfig(
-        vocab_size=128256, num_layers=32, embed_dim=4096, num_heads=32, num_kv_heads=8,
-        mlp_dim=14336, max_seq_len=8192, norm="rmsnorm", norm_eps=1e-5, mlp_activation="swiglu",
-        position="rope", rope_theta=500000.0,
+        vocab_size=128256,
+        num_layers=32,
+        embed_dim=4096,
+        num_heads=32,
+        num_kv_heads=8,
+        mlp_dim=14336,
+        max_seq_len=8192,
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        mlp_activation="swiglu",
+        position="rope",
+        rope_theta=500000.0,
     )
 
 
 def qwen2_0_5b() -> ModelConfig:
     """Qwen2-0.5B (Alibaba): Llama-like with q/k/v biases, GQA 14/2, tied embeddings."""
     return ModelConfig(
-        vocab_size=151936, num_layers=24, embed_dim=896, num_heads=14, num_kv_heads=2,
-        mlp_dim=4864, max_seq_len=32768, norm="rmsnorm", norm_eps=1e-6, mlp_activation="swiglu",
-        position="rope", rope_theta=1000000.0, qkv_bias=True, tie_embeddings=True,
+        vocab_size=151936,
+        num_layers=24,
+        embed_dim=896,
+        num_heads=14,
+        num_kv_heads=2,
+        mlp_dim=4864,
+        max_seq_len=32768,
+        norm="rmsnorm",
+        norm_eps=1e-6,
+        mlp_activation="swiglu",
+        position="rope",
+        rope_theta=1000000.0,
+        qkv_bias=True,
+        tie_embeddings=True,
     )
 
 

@@ -11,7 +11,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import Block, Embed, KVCache, constrain, dropout, make_norm, normal, param, project
+from models.layers import (
+    Block,
+    Embed,
+    KVCache,
+    constrain,
+    dropout,
+    make_norm,
+    normal,
+    param,
+    project,
+)
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -32,13 +42,17 @@ class Decoder(nnx.Module):
         self.embed = Embed(cfg, rngs=rngs)
         if cfg.position == "learned":
             self.pos_embed = param(
-                rngs, normal(cfg.init_std), (cfg.max_seq_len, cfg.embed_dim), cfg.weight_dtype,
+                rngs,
+                normal(cfg.init_std),
+                (cfg.max_seq_len, cfg.embed_dim),
+                cfg.weight_dtype,
                 ("seq", "embed"),
             )
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(
-            in_axes=(0,), out_axes=0,
+            in_axes=(0,),
+            out_axes=0,
             transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
         )
         def make_blocks(rngs: nnx.Rngs) -> Block:
@@ -48,7 +62,10 @@ class Decoder(nnx.Module):
         self.final_norm = make_norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(
-                rngs, normal(cfg.init_std), (cfg.embed_dim, cfg.vocab_size), cfg.weight_dtype,
+                rngs,
+                normal(cfg.init_std),
+                (cfg.embed_dim, cfg.vocab_size),
+                cfg.weight_dtype,
                 ("embed", "vocab"),
             )
 
@@ -97,9 +114,7 @@ class Decoder(nnx.Module):
 
         if cfg.remat_policy != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat_policy])
-        x, new_cache = jax.lax.scan(
-            layer, x, (block_state, cache, keys[1]), unroll=cfg.scan_unroll
-        )
+        x, new_cache = jax.lax.scan(layer, x, (block_state, cache, keys[1]), unroll=cfg.scan_unroll)
 
         x = self.final_norm(x)
         if cfg.tie_embeddings:
@@ -116,7 +131,8 @@ class Decoder(nnx.Module):
         shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
         dtype = dtype or cfg.compute_dtype
         return KVCache(
-            jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+            jnp.zeros(shape, dtype),
+            jnp.zeros(shape, dtype),
             jnp.zeros((cfg.num_layers,), jnp.int32),
         )
 
@@ -124,6 +140,7 @@ class Decoder(nnx.Module):
 def logical_axes(state: nnx.State) -> nnx.State:
     """The logical axis names of every parameter in a model state, as a matching pytree."""
     return jax.tree.map(
-        lambda v: v.get_metadata().get("logical_axes"), state,
+        lambda v: v.get_metadata().get("logical_axes"),
+        state,
         is_leaf=lambda v: isinstance(v, nnx.Variable),
     )

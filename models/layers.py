@@ -134,7 +134,10 @@ class Embed(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.dtype = cfg.compute_dtype
         self.embedding = param(
-            rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.embed_dim), cfg.weight_dtype,
+            rngs,
+            normal(cfg.init_std),
+            (cfg.vocab_size, cfg.embed_dim),
+            cfg.weight_dtype,
             ("vocab", "embed"),
         )
 
@@ -174,7 +177,9 @@ def make_attention_mask(
     Segment id 0 marks padding (attends to nothing, is attended by nothing); equal non-zero
     segment ids mark one packed sequence, so packed examples never see each other.
     """
-    mask = jnp.ones(query_positions.shape[:1] + (query_positions.shape[1], key_positions.shape[1]), bool)
+    mask = jnp.ones(
+        query_positions.shape[:1] + (query_positions.shape[1], key_positions.shape[1]), bool
+    )
     if causal:
         mask &= query_positions[:, :, None] >= key_positions[:, None, :]
     if query_segments is not None and key_segments is not None:
@@ -245,7 +250,9 @@ class Attention(nnx.Module):
         """
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         # One [D, N + 2K, H] matmul instead of three: fewer, larger dots (and their gradients).
-        qkv_proj = jnp.concatenate([self.q_proj.value, self.k_proj.value, self.v_proj.value], axis=1)
+        qkv_proj = jnp.concatenate(
+            [self.q_proj.value, self.k_proj.value, self.v_proj.value], axis=1
+        )
         qkv = project(x, qkv_proj.astype(dtype))  # [B, T, N + 2K, H]
         q, k, v = jnp.split(qkv, [cfg.num_heads, cfg.num_heads + cfg.num_kv_heads], axis=2)
         if cfg.qkv_bias:
@@ -261,8 +268,12 @@ class Attention(nnx.Module):
             mask = make_attention_mask(positions, positions, segment_ids, segment_ids)
         else:
             # Decoding: write the new keys at the cursor, attend over every written slot.
-            k_all = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), cache.index, 1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), cache.index, 1)
+            k_all = jax.lax.dynamic_update_slice_in_dim(
+                cache.key, k.astype(cache.key.dtype), cache.index, 1
+            )
+            v_all = jax.lax.dynamic_update_slice_in_dim(
+                cache.value, v.astype(cache.value.dtype), cache.index, 1
+            )
             cache = KVCache(k_all, v_all, cache.index + x.shape[1])
             slots = jnp.arange(k_all.shape[1])[None, :]
             key_positions = jnp.broadcast_to(slots, (x.shape[0], k_all.shape[1]))

@@ -1,0 +1,1 @@
+"""Parallelism: device meshes and logical-axis sharding rules (planned: see the issues)."""

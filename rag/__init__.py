@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation (planned: see the issues)."""

@@ -125,7 +125,7 @@ def split_cli_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     while i < len(args):
         arg = args[i]
         if arg.startswith("--config.") and arg != "--config":
-            body = arg[len("--config."):]
+            body = arg[len("--config.") :]
             if "=" not in body:
                 if i + 1 >= len(args):
                     raise ConfigError(f"{arg} needs a value")

@@ -32,13 +32,16 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "shakespeare"  # or a path to a .txt file or a directory of texts
-    config.data.val_names = ml_collections.FieldReference(None, field_type=tuple)  # None: default plays
+    config.data.val_names = ml_collections.FieldReference(
+        None, field_type=tuple
+    )  # None: default plays
     config.data.tokenizer = "char"  # char | byte | sentencepiece_bpe | sentencepiece_unigram
     config.data.vocab_size = 0  # SentencePiece vocabulary size (ignored for char/byte)
     config.data.seq_len = 64
     config.data.batch_size = 12  # global batch per optimizer step (split over accumulation)
     config.data.seed = 0
     config.data.eval_batches = 0  # validation batches per evaluation; 0 = the whole split
+    config.data.eval_batch_size = 0  # 0 = data.batch_size; larger is faster (forward only)
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 1e-3

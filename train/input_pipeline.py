@@ -244,7 +244,8 @@ def build_datasets(
     Args:
       config: an object with attributes source, val_names, tokenizer (a kind from
         tokenizers.TOKENIZER_KINDS), vocab_size, seq_len, batch_size (global), seed and
-        eval_batches (most eval batches, 0 for all); e.g. the config's `data` ConfigDict.
+        eval_batches (most eval batches, 0 for all) and optionally eval_batch_size (0 or
+        absent: batch_size); e.g. the config's `data` ConfigDict.
       workdir: the run directory; the tokenizer lives in workdir/tokenizer.
       process_index: this process's index (jax.process_index()).
       process_count: number of processes (jax.process_count()).
@@ -265,7 +266,8 @@ def build_datasets(
             train_packed, config.batch_size, config.seed, process_index, process_count
         ),
         eval_batches=make_eval_batches(
-            val_packed, config.batch_size, config.eval_batches, process_index, process_count
+            val_packed, config.get("eval_batch_size") or config.batch_size, config.eval_batches,
+            process_index, process_count,
         ),
         num_train_tokens=sum(len(ids) + extra for ids in train_ids),
         num_val_tokens=sum(len(ids) + extra for ids in val_ids),

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 
 class MetricWriter:
@@ -25,7 +25,11 @@ class MetricWriter:
             self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
-        record = {"step": int(step), "time": time.time(), **{k: _scalar(v) for k, v in metrics.items()}}
+        record = {
+            "step": int(step),
+            "time": time.time(),
+            **{k: _scalar(v) for k, v in metrics.items()},
+        }
         self._jsonl.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for key, value in record.items():
@@ -48,6 +52,11 @@ def _scalar(value: Any) -> Any:
 def progress_bar(total: int, initial: int, enabled: bool = True) -> tqdm:
     """A tqdm bar with ETA; disabled in non-interactive logs unless asked for."""
     return tqdm(
-        total=total, initial=initial, disable=not enabled, dynamic_ncols=True, file=sys.stderr,
-        unit="step", smoothing=0.1,
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        unit="step",
+        smoothing=0.1,
     )

@@ -44,8 +44,12 @@ def make_optimizer(
         chain.append(optax.clip_by_global_norm(opt.grad_clip))
     chain.append(
         optax.adamw(
-            learning_rate=schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-            weight_decay=opt.weight_decay, mask=decay_mask,
+            learning_rate=schedule,
+            b1=opt.b1,
+            b2=opt.b2,
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
+            mask=decay_mask,
         )
     )
     return optax.chain(*chain), schedule

@@ -36,8 +36,15 @@ log = logging.getLogger(__name__)
 # Dense peak FLOP/s per device for MFU (bf16 tensor cores; fp32 matmul peak for CPU is unknown
 # and has to be given as train.peak_flops or measured by the benchmark).
 PEAK_FLOPS = {
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
     "TPU v6 lite": 918e12,
 }
 
@@ -104,7 +111,11 @@ def init_train_state(
     model = Decoder(model_cfg, rngs=nnx.Rngs(params=seed))
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": optimizer.init(params),
+    }
     return graphdef, state
 
 
@@ -114,7 +125,9 @@ def make_train_step(graphdef, optimizer, z_loss: float, grad_accum_steps: int, d
     def loss_fn(params, batch, key):
         model = nnx.merge(graphdef, params)
         logits = model(
-            batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+            batch["inputs"],
+            positions=batch.get("positions"),
+            segment_ids=batch.get("segment_ids"),
             dropout_key=key if dropout else None,
         )
         total, ce, count = cross_entropy(logits, batch["targets"], batch.get("weights"), z_loss)
@@ -128,9 +141,7 @@ def make_train_step(graphdef, optimizer, z_loss: float, grad_accum_steps: int, d
         if grad_accum_steps == 1:
             (loss, (ce, _)), grads = grad_fn(params, batch, key)
         else:
-            micro = jax.tree.map(
-                lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch
-            )
+            micro = jax.tree.map(lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)
 
             def accumulate(carry, xs):
                 micro_batch, i = xs
@@ -143,16 +154,19 @@ def make_train_step(graphdef, optimizer, z_loss: float, grad_accum_steps: int, d
                 accumulate, zeros, (micro, jnp.arange(grad_accum_steps))
             )
             loss, ce, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, ce, grads))
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A bad step leaves the state untouched; the host stops the run at the next check.
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+
+        def keep_if_finite(new, old):
+            # A bad step leaves the state untouched; the host stops the run at its next check.
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
         new_state = {
             "step": state["step"] + 1,
-            "params": keep(new_params, params),
-            "opt_state": keep(opt_state, state["opt_state"]),
+            "params": keep_if_finite(new_params, params),
+            "opt_state": keep_if_finite(opt_state, state["opt_state"]),
         }
         metrics = {"loss": loss, "cross_entropy": ce, "grad_norm": grad_norm, "finite": finite}
         return new_state, metrics
@@ -164,7 +178,9 @@ def make_eval_step(graphdef):
     @jax.jit
     def eval_step(params, batch):
         model = nnx.merge(graphdef, params)
-        logits = model(batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+        logits = model(
+            batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
+        )
         _, ce, count = cross_entropy(logits, batch["targets"], batch.get("weights"), 0.0)
         return ce * count, count
 
@@ -196,8 +212,12 @@ def sample_text(graphdef, params, data: DataBundle, config, seed: int = 0) -> st
     model = nnx.merge(graphdef, params)
     prompt = data.tokenizer.encode(tcfg.sample_prompt) or [0]
     tokens = sample(
-        model, prompt, tcfg.sample_tokens, temperature=tcfg.sample_temperature,
-        top_k=tcfg.sample_top_k or None, seed=seed,
+        model,
+        prompt,
+        tcfg.sample_tokens,
+        temperature=tcfg.sample_temperature,
+        top_k=tcfg.sample_top_k or None,
+        seed=seed,
     )
     return tcfg.sample_prompt + data.tokenizer.decode(tokens)
 
@@ -206,7 +226,9 @@ def sample_text(graphdef, params, data: DataBundle, config, seed: int = 0) -> st
 # The run.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> TrainResult:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+) -> TrainResult:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
     start_time = time.time()
     workdir = pathlib.Path(workdir)
@@ -263,7 +285,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         for step in range(start_step, tcfg.num_steps):
             batch = next(train_iter)
             state, metrics = train_step(state, batch, base_key)
-            window_steps += 1
+            if step == start_step:  # the first call compiles: keep it out of the step times
+                jax.block_until_ready(metrics)
+                writer.write(step + 1, {"compile_time_s": time.perf_counter() - window_start})
+                window_start = time.perf_counter()
+            else:
+                window_steps += 1
             done = step + 1
             is_last = done == tcfg.num_steps
             if done % tcfg.log_every == 0 or is_last:
@@ -274,17 +301,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                         f"{done}; stopping. The last good checkpoint is kept in "
                         f"{workdir / 'checkpoints'} (step {checkpointer.latest_step()})."
                     )
-                elapsed = time.perf_counter() - window_start
-                step_time = elapsed / window_steps
                 last_metrics = {
-                    "loss": metrics["loss"], "cross_entropy": metrics["cross_entropy"],
-                    "grad_norm": metrics["grad_norm"], "learning_rate": schedule(step),
-                    "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
+                    "loss": metrics["loss"],
+                    "cross_entropy": metrics["cross_entropy"],
+                    "grad_norm": metrics["grad_norm"],
+                    "learning_rate": schedule(step),
                 }
-                if peak:
-                    last_metrics["mfu"] = flops_per_step / step_time / peak
+                if window_steps:  # steps timed since the last log (compilation excluded)
+                    step_time = (time.perf_counter() - window_start) / window_steps
+                    last_metrics["step_time_s"] = step_time
+                    last_metrics["tokens_per_s"] = tokens_per_step / step_time
+                    if peak:
+                        last_metrics["mfu"] = flops_per_step / step_time / peak
+                    bar.set_postfix(
+                        loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_step / step_time:,.0f}"
+                    )
                 writer.write(done, last_metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_step / step_time:,.0f}")
                 window_start, window_steps = time.perf_counter(), 0
             if done % tcfg.eval_every == 0 or is_last:
                 eval_metrics = evaluate(eval_step, state["params"], data.eval_batches)
@@ -316,8 +348,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     elapsed = time.time() - start_time
     print(f"Done: step {tcfg.num_steps}, val loss {val_loss}, {elapsed:.0f} s", flush=True)
     return TrainResult(
-        final_step=int(state["step"]), train_loss=float(last_metrics.get("loss", np.nan)),
-        val_loss=val_loss, metrics_path=workdir / "metrics.jsonl", samples=samples,
+        final_step=int(state["step"]),
+        train_loss=float(last_metrics.get("loss", np.nan)),
+        val_loss=val_loss,
+        metrics_path=workdir / "metrics.jsonl",
+        samples=samples,
         elapsed_s=elapsed,
     )
 
@@ -341,4 +376,3 @@ def load_for_inference(workdir: str | pathlib.Path) -> tuple[Decoder, Any]:
     params = jax.tree.map(jnp.asarray, restored.state["params"])
     model = nnx.merge(graphdef, params)
     return model, load_tokenizer(workdir / "tokenizer")
-

@@ -1,0 +1,410 @@
+"""Training speed: our train step on the main job, and baby GPT end to end against nanoGPT.
+
+Run from the repository root, on an otherwise idle machine (the JSON records the load average;
+on 2 shared cores both runs slow down many-fold when another job competes):
+  python experiments/benchmarks/train_throughput.py --peer-python /work/peer-venv/bin/python
+Quick check: add `--steps 60`. Without --peer-python the PyTorch peer (nanogpt_peer.py) is skipped.
+
+Measures (a) the jitted train step of experiments/shakespeare_char.py (and its :baby variant when
+that differs): compile time, median step time, tokens/s, MFU; (b) on a GPU, GPT-2 124M at bf16;
+(c) our whole :baby training run and the peer's on the same token streams, one after the other.
+Prints markdown tables; writes JSON to --out and to train_throughput.json beside this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # `python experiments/benchmarks/...` from a checkout
+
+from models.config import preset  # noqa: E402
+from train import trainer  # noqa: E402
+from train.config_lib import apply_overrides, load_config_script  # noqa: E402
+from train.corpus import load_corpus  # noqa: E402
+from train.input_pipeline import build_datasets  # noqa: E402
+from train.optimizer import make_optimizer  # noqa: E402
+from train.tokenizers import load_tokenizer  # noqa: E402
+
+PEER_SCRIPT = pathlib.Path(__file__).with_name("nanogpt_peer.py")
+LATEST_JSON = pathlib.Path(__file__).with_name("train_throughput.json")
+MAIN_CONFIG = "experiments/shakespeare_char.py"
+WARMUP_STEPS = 3  # run after compilation and before timing: first-touch allocations
+
+
+def load_config(spec: str):
+    """The locked config of `path[:arg]`, the path relative to the repository root."""
+    return load_config_script(str(ROOT / spec))
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` FLOP/s of an [n, n] @ [n, n] float32 matmul: the CPU's practical peak."""
+    a, b = jax.random.normal(jax.random.key(0), (2, n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
+
+
+def time_train_step(model_cfg, config, batches: list[dict], peak: float | None) -> dict:
+    """Compiles the trainer's step (timed apart), warms up, then times each remaining batch.
+
+    Args:
+      model_cfg: the typed ModelConfig.
+      config: the experiment config (optimizer and train sections are used as the trainer does).
+      batches: {"inputs", "targets"}: int32 [B, T]; the first WARMUP_STEPS are not timed.
+      peak: FLOP/s that MFU is relative to, or None for no MFU.
+
+    Returns:
+      compile_s, step_time_ms (median), tokens_per_s, mfu, num_params, tokens_per_step.
+    """
+    optimizer, _ = make_optimizer(config.optimizer, config.train.num_steps)
+    graphdef, state = trainer.init_train_state(model_cfg, optimizer, config.train.seed)
+    step = trainer.make_train_step(
+        graphdef,
+        optimizer,
+        config.train.z_loss,
+        config.train.grad_accum_steps,
+        model_cfg.dropout_rate > 0,
+    )
+    key = jax.random.key(config.train.seed + 1)
+    batches = jax.device_put(batches)
+    start = time.perf_counter()
+    compiled = step.lower(state, batches[0], key).compile()
+    compile_s = time.perf_counter() - start
+    times = []
+    for i, batch in enumerate(batches):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch, key)
+        jax.block_until_ready((state, metrics))
+        if i >= WARMUP_STEPS:
+            times.append(time.perf_counter() - start)
+    batch_size, seq_len = batches[0]["inputs"].shape
+    step_time = statistics.median(times)
+    flops = model_cfg.flops_per_token(seq_len) * batch_size * seq_len
+    return {
+        "num_params": model_cfg.num_params(),
+        "tokens_per_step": batch_size * seq_len,
+        "timed_steps": len(times),
+        "compile_s": compile_s,
+        "step_time_ms": 1e3 * step_time,
+        "tokens_per_s": batch_size * seq_len / step_time,
+        "mfu": flops / step_time / peak if peak else None,
+        "loss": float(metrics["loss"]),
+    }
+
+
+def main_job_step(spec: str, timed_steps: int, peak: float | None) -> dict:
+    """Times the train step of config `spec` on real batches from its input pipeline."""
+    config = load_config(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = build_datasets(config.data, tmp)
+        it = iter(data.train_ds)
+        batches = [next(it) for _ in range(WARMUP_STEPS + timed_steps)]
+    model_cfg = trainer.model_config_from(config, data.tokenizer.vocab_size)
+    return {"name": spec, **time_train_step(model_cfg, config, batches, peak)}
+
+
+def gpt2_step(timed_steps: int, batch_size: int, peak: float | None) -> dict:
+    """GPT-2 124M at bf16 compute, seq 1024, on random tokens (the step cost ignores the data)."""
+    config = load_config(MAIN_CONFIG)  # optimizer and train settings
+    model_cfg = preset("gpt2-124m", dtype="bfloat16")
+    seq_len = model_cfg.max_seq_len
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(
+        0, model_cfg.vocab_size, (WARMUP_STEPS + timed_steps, batch_size, seq_len + 1)
+    )
+    batches = [
+        {"inputs": t[:, :-1].astype(np.int32), "targets": t[:, 1:].astype(np.int32)} for t in tokens
+    ]
+    return {
+        "name": f"gpt2-124m bf16, batch {batch_size}x{seq_len}",
+        **time_train_step(model_cfg, config, batches, peak),
+    }
+
+
+def run_ours(spec: str, steps: int, workdir: pathlib.Path) -> dict:
+    """Our whole training run (train_and_evaluate) of `spec` for `steps` steps in `workdir`.
+
+    The learning-rate schedule keeps the config's horizon, so a short run is the start of the
+    full one. The final text sample is off (the peer does not sample); checkpoints stay on.
+    """
+    config = load_config(spec)
+    horizon = config.optimizer.decay_steps or config.train.num_steps
+    apply_overrides(
+        config,
+        [
+            f"train.num_steps={steps}",
+            f"optimizer.decay_steps={horizon}",
+            "train.progress_bar=false",
+            "train.sample_tokens=0",
+        ],
+    )
+    result = trainer.train_and_evaluate(config, workdir)
+    records = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    logged = [r for r in records if "step_time_s" in r]
+    # Each log record averages the steps since the last log or eval; the first holds the compile.
+    train_time, previous = 0.0, 0
+    for r in logged:
+        train_time += r["step_time_s"] * (r["step"] - previous)
+        previous = r["step"]
+    steady = [r["step_time_s"] for r in logged[1:]] or [logged[0]["step_time_s"]]
+    model_cfg = json.loads((workdir / "model_config.json").read_text())
+    return {
+        "steps": result.final_step,
+        "total_time_s": result.elapsed_s,
+        "train_time_s": train_time,
+        "step_time_ms": 1e3 * statistics.median(steady),
+        "val_loss": result.val_loss,
+        "train_loss": result.train_loss,
+        "vocab_size": model_cfg["vocab_size"],
+    }
+
+
+def token_stream(docs, tokenizer) -> np.ndarray:
+    """The documents' ids concatenated as our pipeline packs them (eos after each, if any)."""
+    parts = []
+    for doc in docs:
+        parts.append(np.asarray(tokenizer.encode(doc.text), np.int32))
+        if tokenizer.eos_id is not None:
+            parts.append(np.array([tokenizer.eos_id], np.int32))
+    return np.concatenate(parts)
+
+
+def run_peer(
+    python: str, spec: str, steps: int, ours_workdir: pathlib.Path, tmp: pathlib.Path
+) -> dict:
+    """nanogpt_peer.py on our run's train/val token streams, with the same schedule and eval."""
+    config = load_config(spec)
+    m, d, opt = config.model, config.data, config.optimizer
+    if (m.norm, m.mlp_activation, m.position, m.mlp_dim) != (
+        "layernorm",
+        "gelu",
+        "learned",
+        4 * m.embed_dim,
+    ):
+        raise ValueError(f"{spec} is not a GPT-2 shaped model; the nanoGPT peer cannot run it")
+    if (opt.b1, opt.b2, opt.grad_clip, config.train.grad_accum_steps) != (0.9, 0.99, 1.0, 1):
+        raise ValueError(
+            f"{spec}: the peer hard-codes betas (0.9, 0.99), clip 1.0, no accumulation"
+        )
+    tokenizer = load_tokenizer(ours_workdir / "tokenizer")  # the very ids our run trained on
+    corpus = load_corpus(d.source, d.val_names)
+    np.save(tmp / "train.npy", token_stream(corpus.train, tokenizer))
+    np.save(tmp / "val.npy", token_stream(corpus.val, tokenizer))
+    vocab_size = json.loads((ours_workdir / "model_config.json").read_text())["vocab_size"]
+    flags = {
+        "train": tmp / "train.npy",
+        "val": tmp / "val.npy",
+        "vocab-size": vocab_size,
+        "steps": steps,
+        "decay-steps": opt.decay_steps or config.train.num_steps,
+        "warmup": opt.warmup_steps,
+        "lr": opt.learning_rate,
+        "min-lr": opt.min_learning_rate,
+        "weight-decay": opt.weight_decay,
+        "batch-size": d.batch_size,
+        "block-size": d.seq_len,
+        "num-layers": m.num_layers,
+        "num-heads": m.num_heads,
+        "embed-dim": m.embed_dim,
+        "eval-every": config.train.eval_every,
+        "eval-batches": d.eval_batches,
+        "eval-batch-size": d.get("eval_batch_size") or d.batch_size,
+    }
+    cmd = [python, str(PEER_SCRIPT)] + [f"--{k}={v}" for k, v in flags.items()]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"peer exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return {
+        **json.loads(proc.stdout.strip().splitlines()[-1]),
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """Runs parts (a)-(c) and returns the report (everything the JSON holds)."""
+    backend = jax.default_backend()
+    if backend == "cpu":
+        peak, peak_source = (
+            matmul_peak_flops(),
+            "mfu_vs_matmul_peak: best 2048^3 fp32 jnp.matmul here",
+        )
+    else:
+        peak, peak_source = trainer.peak_flops(0.0), "trainer.PEAK_FLOPS (dense bf16 datasheet)"
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "host": platform.node(),
+        "backend": backend,
+        "device_kind": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax_version": jax.__version__,
+        "flax_version": flax.__version__,
+        "load_avg_1m_at_start": os.getloadavg()[0],  # > 0.5 on a small box: numbers are noisy
+        "peak_flops": peak,
+        "peak_source": peak_source,
+        "steps": [],
+    }
+    e2e_config = load_config(args.e2e_config)
+    specs = [args.config]
+    if load_config(args.config).to_dict() != e2e_config.to_dict():
+        specs.append(args.e2e_config)
+    else:
+        report["same_config"] = f"{args.e2e_config} equals {args.config}; timed once"
+    for spec in specs:
+        report["steps"].append(main_job_step(spec, args.timed_steps, peak))
+    if backend == "gpu":
+        report["steps"].append(gpt2_step(args.timed_steps, args.gpt2_batch, peak))
+    else:
+        report["gpt2_124m"] = f"skipped: needs a GPU (backend is {backend})"
+
+    steps = args.steps or e2e_config.train.num_steps
+    m = e2e_config.model
+    e2e = {
+        "config": args.e2e_config,
+        "steps": steps,
+        "differences": f"ours: tie_embeddings={m.tie_embeddings}, LayerNorm with bias, "
+        "tanh GELU, shuffled packed windows; peer (nanoGPT): tied, LayerNorm without bias, "
+        "exact GELU, random windows",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        e2e["ours"] = run_ours(args.e2e_config, steps, tmp / "ours")
+        if args.peer_python:  # strictly after ours: the two never share the cores
+            e2e["peer"] = run_peer(args.peer_python, args.e2e_config, steps, tmp / "ours", tmp)
+            e2e["peer_over_ours_total_time"] = (
+                e2e["peer"]["total_time_s"] / e2e["ours"]["total_time_s"]
+            )
+            e2e["peer_over_ours_step_time"] = (
+                e2e["peer"]["step_time_ms"] / e2e["ours"]["step_time_ms"]
+            )
+        else:
+            e2e["peer"] = "skipped: no --peer-python"
+    report["end_to_end"] = e2e
+    report["load_avg_1m_at_end"] = os.getloadavg()[0]
+    return report
+
+
+def _fmt(value, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_tables(report: dict) -> str:
+    """The report as markdown: one table of train steps, one of the end-to-end runs."""
+    lines = [
+        f"Device: {report['device_kind']} ({report['cpu']}, {report['cpu_count']} CPUs), "
+        f"jax {report['jax_version']}, flax {report['flax_version']}, {report['date']}",
+        f"MFU peak: {_fmt(report['peak_flops'], '.3g')} FLOP/s ({report['peak_source']}); "
+        f"load average {report['load_avg_1m_at_start']:.1f} at start, "
+        f"{report['load_avg_1m_at_end']:.1f} at end",
+        "",
+        "| train step | params | tokens/step | compile s | step ms (median) | tokens/s | MFU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["steps"]:
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(
+            f"| {r['name']} | {r['num_params'] / 1e6:.2f}M | {r['tokens_per_step']} | "
+            f"{r['compile_s']:.1f} | {r['step_time_ms']:.2f} | {r['tokens_per_s']:,.0f} | "
+            f"{mfu} |"
+        )
+    for note in (report.get("same_config"), report.get("gpt2_124m")):
+        if note:
+            lines.append(f"| {note} | | | | | | |")
+    e2e = report["end_to_end"]
+    ours, peer = e2e["ours"], e2e["peer"]
+    has_peer = isinstance(peer, dict)
+    lines += [
+        "",
+        f"| {e2e['config']}, {e2e['steps']} steps | ours (JAX) | peer (PyTorch) | peer / ours |",
+        "|---|---|---|---|",
+    ]
+    rows = [
+        ("wall time, s (data + compile + train + eval)", "total_time_s", ".1f"),
+        ("train loop time, s (no eval)", "train_time_s", ".1f"),
+        ("step time, ms (median)", "step_time_ms", ".2f"),
+        ("val loss, held-out plays (nats/char)", "val_loss", ".4f"),
+    ]
+    for label, key, spec in rows:
+        p = peer[key] if has_peer else None
+        ratio = p / ours[key] if has_peer and key != "val_loss" else None
+        lines.append(
+            f"| {label} | {_fmt(ours[key], spec)} | {_fmt(p, spec) if has_peer else peer} | "
+            f"{_fmt(ratio, '.2f')} |"
+        )
+    if has_peer:
+        lines.append(
+            f"\nPeer: torch {peer['torch_version']}, {peer['threads']} threads, "
+            f"{peer['num_params'] / 1e6:.3f}M params, eval over {peer['eval_tokens']:,} tokens."
+        )
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: pathlib.Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=0, help="end-to-end steps; 0: the config's (2000)")
+    p.add_argument("--timed-steps", type=int, default=100, help="train steps timed in part (a)")
+    p.add_argument(
+        "--peer-python", default="", help="an interpreter with torch for nanogpt_peer.py"
+    )
+    p.add_argument("--out", default="", help="JSON path; default experiments/results/...")
+    p.add_argument("--config", default=MAIN_CONFIG, help="the main job's config, path[:arg]")
+    p.add_argument("--e2e-config", default=MAIN_CONFIG + ":baby", help="end-to-end run's config")
+    p.add_argument("--gpt2-batch", type=int, default=16, help="GPT-2 124M batch (GPU only)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    report = run_benchmark(args)
+    print(format_tables(report))
+    out = (
+        args.out
+        or ROOT / f"experiments/results/train_throughput_{report['backend']}_{report['date']}.json"
+    )
+    for path in (pathlib.Path(out), LATEST_JSON):
+        write_json(report, path)
+        print(f"wrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

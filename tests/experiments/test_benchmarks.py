@@ -1,0 +1,72 @@
+"""Tests for experiments/benchmarks/: train_throughput.py on a tiny config, and the nanoGPT peer."""
+
+import importlib.util
+import json
+import pathlib
+import py_compile
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "benchmarks"
+RUNLOCAL = "experiments/shakespeare_char.py:runlocal"
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["train_throughput", "nanogpt_peer"])
+def test_scripts_compile(name, tmp_path):
+    py_compile.compile(str(BENCHMARKS / f"{name}.py"), cfile=str(tmp_path / "x.pyc"), doraise=True)
+
+
+@pytest.mark.slow
+def test_train_throughput_runlocal(shakespeare_corpus, tmp_path):
+    """The whole benchmark (step timing, end-to-end run, table, JSON) on :runlocal, no peer."""
+    bench = _load_script("train_throughput")
+    args = bench.parse_args(
+        ["--steps", "3", "--timed-steps", "2", "--config", RUNLOCAL, "--e2e-config", RUNLOCAL]
+    )
+    report = bench.run_benchmark(args)
+
+    (step,) = report["steps"]  # the two specs are the same config, timed once
+    assert step["compile_s"] > 0 and step["step_time_ms"] > 0 and step["timed_steps"] == 2
+    assert np.isfinite(step["loss"])
+    if report["backend"] == "cpu":
+        assert 0 < step["mfu"] < 1.5  # relative to a measured matmul, so it can exceed 1 a little
+        assert report["gpt2_124m"].startswith("skipped")
+    ours = report["end_to_end"]["ours"]
+    assert ours["steps"] == 3 and np.isfinite(ours["val_loss"])
+    assert report["end_to_end"]["peer"].startswith("skipped")
+
+    table = bench.format_tables(report)
+    assert "| train step |" in table and "ours (JAX)" in table
+    out = tmp_path / "result.json"
+    bench.write_json(report, out)
+    assert json.loads(out.read_text())["end_to_end"]["steps"] == 3
+
+
+def test_nanogpt_peer_runs(tmp_path):
+    """Three steps of the PyTorch peer on random ids; prints one JSON line."""
+    pytest.importorskip("torch", reason="the peer needs torch, which the project never depends on")
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "train.npy", rng.integers(0, 20, 4000).astype(np.uint16))
+    np.save(tmp_path / "val.npy", rng.integers(0, 20, 1000).astype(np.int32))
+    cmd = [
+        sys.executable, str(BENCHMARKS / "nanogpt_peer.py"),
+        "--train", str(tmp_path / "train.npy"), "--val", str(tmp_path / "val.npy"),
+        "--steps", "3", "--warmup", "1", "--eval-every", "2", "--eval-batches", "2",
+        "--batch-size", "4", "--block-size", "16", "--num-layers", "2", "--embed-dim", "32",
+        "--threads", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 3 and result["threads"] == 1
+    assert result["eval_tokens"] == 2 * 4 * 16
+    assert 0 < result["val_loss"] < 10 and result["train_time_s"] <= result["total_time_s"]
