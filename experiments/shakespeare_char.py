@@ -31,10 +31,14 @@ def get_config(arg=None):
     m.max_seq_len = config.data.seq_len = 64
     m.scan_unroll = m.num_layers  # small model on CPU: unrolled layers run ~30% faster
     config.data.batch_size = 12
+    config.data.eval_batch_size = 128  # evaluation is forward-only: bigger batches, fewer calls
     config.train.num_steps = 2000
     config.train.eval_every = 500
     config.train.checkpoint_every = 1000
 
+    if arg is None:
+        # The main job: the baby GPT fed twice the tokens per step (2000 x 24 x 64 characters).
+        config.data.batch_size = 24
     if arg == "runlocal":
         m.num_layers, m.num_heads, m.embed_dim, m.mlp_dim = 2, 2, 32, 64
         m.scan_unroll = 1

@@ -99,9 +99,10 @@ def cross_entropy(
     token_loss = log_z - target_logit
     if weights is None:
         weights = jnp.ones_like(token_loss)
-    count = jnp.maximum(weights.sum(), 1.0)
-    ce = (token_loss * weights).sum() / count
-    total = ce + z_loss * (jnp.square(log_z) * weights).sum() / count
+    count = weights.sum()
+    denominator = jnp.maximum(count, 1.0)
+    ce = (token_loss * weights).sum() / denominator
+    total = ce + z_loss * (jnp.square(log_z) * weights).sum() / denominator
     return total, ce, count
 
 
@@ -144,16 +145,21 @@ def make_train_step(graphdef, optimizer, z_loss: float, grad_accum_steps: int, d
             micro = jax.tree.map(lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)
 
             def accumulate(carry, xs):
+                # Each micro-batch's mean is weighted by its token count, so the result is the
+                # full batch's token mean even when masks leave micro-batches uneven.
                 micro_batch, i = xs
-                (loss, (ce, _)), grads = grad_fn(params, micro_batch, jax.random.fold_in(key, i))
-                carry = jax.tree.map(jnp.add, carry, (loss, ce, grads))
-                return carry, None
+                (loss, (ce, count)), grads = grad_fn(
+                    params, micro_batch, jax.random.fold_in(key, i)
+                )
+                carry = jax.tree.map(lambda c, x: c + x * count, carry, (loss, ce, grads))
+                return carry, count
 
             zeros = (0.0, 0.0, jax.tree.map(jnp.zeros_like, params))
-            (loss, ce, grads), _ = jax.lax.scan(
+            (loss, ce, grads), counts = jax.lax.scan(
                 accumulate, zeros, (micro, jnp.arange(grad_accum_steps))
             )
-            loss, ce, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, ce, grads))
+            total = jnp.maximum(counts.sum(), 1.0)
+            loss, ce, grads = jax.tree.map(lambda x: x / total, (loss, ce, grads))
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
@@ -278,6 +284,20 @@ def train_and_evaluate(
     val_loss = None
     window_start, window_steps = time.perf_counter(), 0
 
+    finite_flags: list[jax.Array] = []  # one per step since the last check; read without a sync
+
+    def check_finite(done: int) -> None:
+        # A skipped (non-finite) step anywhere since the last check stops the run.
+        flags = jax.device_get(finite_flags)
+        finite_flags.clear()
+        if not all(flags):
+            bad = done - len(flags) + 1 + flags.index(False)
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {bad}; stopping. That step was not applied "
+                f"and nothing after it is saved: the last good checkpoint is step "
+                f"{checkpointer.latest_step()} in {workdir / 'checkpoints'}."
+            )
+
     def save(step: int) -> None:
         checkpointer.save(step, state, train_iter.get_state(), {"step": step, "val_loss": val_loss})
 
@@ -285,6 +305,7 @@ def train_and_evaluate(
         for step in range(start_step, tcfg.num_steps):
             batch = next(train_iter)
             state, metrics = train_step(state, batch, base_key)
+            finite_flags.append(metrics["finite"])
             if step == start_step:  # the first call compiles: keep it out of the step times
                 jax.block_until_ready(metrics)
                 writer.write(step + 1, {"compile_time_s": time.perf_counter() - window_start})
@@ -294,13 +315,8 @@ def train_and_evaluate(
             done = step + 1
             is_last = done == tcfg.num_steps
             if done % tcfg.log_every == 0 or is_last:
+                check_finite(done)
                 metrics = jax.device_get(metrics)
-                if not metrics["finite"]:
-                    raise NonFiniteLossError(
-                        f"loss became {metrics['loss']} (grad norm {metrics['grad_norm']}) by step "
-                        f"{done}; stopping. The last good checkpoint is kept in "
-                        f"{workdir / 'checkpoints'} (step {checkpointer.latest_step()})."
-                    )
                 last_metrics = {
                     "loss": metrics["loss"],
                     "cross_entropy": metrics["cross_entropy"],
@@ -328,11 +344,7 @@ def train_and_evaluate(
                 )
                 window_start, window_steps = time.perf_counter(), 0  # eval time is not step time
             if done % tcfg.checkpoint_every == 0 or is_last:
-                if not bool(jax.device_get(metrics["finite"])):
-                    raise NonFiniteLossError(
-                        f"loss became non-finite by step {done}; stopping without saving it. "
-                        f"Last good checkpoint: step {checkpointer.latest_step()}."
-                    )
+                check_finite(done)
                 save(done)
             bar.update(1)
     finally:

@@ -2,7 +2,7 @@
 
 Self-contained (torch and numpy only, nothing from this project) so it runs in any interpreter
 with torch; train_throughput.py runs it as a subprocess on the same token streams as our run:
-  /work/peer-venv/bin/python experiments/benchmarks/nanogpt_peer.py \
+  PYTHON_WITH_TORCH experiments/benchmarks/nanogpt_peer.py \
       --train train.npy --val val.npy --steps 2000 --eval-every 500
 
 What matches nanoGPT (karpathy/nanoGPT, config/train_shakespeare_char.py with its CPU overrides):

@@ -2,7 +2,9 @@
 
 Run from the repository root, on an otherwise idle machine (the JSON records the load average;
 on 2 shared cores both runs slow down many-fold when another job competes):
-  python experiments/benchmarks/train_throughput.py --peer-python /work/peer-venv/bin/python
+  python experiments/benchmarks/train_throughput.py --peer-python PYTHON_WITH_TORCH
+(any interpreter with torch and numpy, e.g. a separate venv with `pip install torch numpy`;
+torch is never a dependency of this project)
 Quick check: add `--steps 60`. Without --peer-python the PyTorch peer (nanogpt_peer.py) is skipped.
 
 Measures (a) the jitted train step of experiments/shakespeare_char.py (and its :baby variant when
