@@ -47,6 +47,7 @@ def get_config(arg=None):
         config.train.log_every = config.train.eval_every = 10
         config.train.checkpoint_every = 10
         config.data.eval_batches = 4
+        config.data.eval_batch_size = 0  # = batch_size, so tiny corpora fill a batch
         config.train.sample_tokens = 20
         config.train.progress_bar = False
     elif arg not in (None, "baby"):

@@ -293,7 +293,7 @@ def train_and_evaluate(
         if not all(flags):
             bad = done - len(flags) + 1 + flags.index(False)
             raise NonFiniteLossError(
-                f"non-finite loss or gradient at step {bad}; stopping. That step was not applied "
+                f"NaN or inf in the loss or gradient at step {bad}; stopping. That step was not applied "
                 f"and nothing after it is saved: the last good checkpoint is step "
                 f"{checkpointer.latest_step()} in {workdir / 'checkpoints'}."
             )
