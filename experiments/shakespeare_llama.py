@@ -10,7 +10,7 @@ Variants:
   :runlocal a tiny model and a few steps, for tests and notebooks.
 """
 
-from train.defaults import base_config
+from train.defaults import base_config, make_runlocal
 
 
 def get_config(arg=None):
@@ -37,17 +37,10 @@ def get_config(arg=None):
     config.train.checkpoint_every = 500
 
     if arg == "runlocal":
-        config.data.vocab_size = 400
+        make_runlocal(config)
         m.num_layers, m.embed_dim, m.num_heads, m.num_kv_heads, m.mlp_dim = 2, 32, 4, 2, 64
         m.scan_unroll = 1
-        config.data.seq_len = m.max_seq_len = 32
-        config.data.batch_size = 4
-        config.optimizer.warmup_steps = 2
-        config.train.num_steps = 10
-        config.train.log_every = config.train.eval_every = config.train.checkpoint_every = 5
-        config.data.eval_batches = 2
-        config.train.sample_tokens = 10
-        config.train.progress_bar = False
+        m.max_seq_len = config.data.seq_len
     elif arg is not None:
         raise ValueError(f"unknown variant {arg!r}: use runlocal")
     return config

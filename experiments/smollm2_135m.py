@@ -12,7 +12,7 @@ Variants:
 """
 
 from models.config import preset
-from train.defaults import base_config, model_config_dict
+from train.defaults import base_config, make_runlocal, model_config_dict
 
 
 def get_config(arg=None):
@@ -37,15 +37,7 @@ def get_config(arg=None):
         m.num_layers, m.embed_dim, m.num_heads, m.num_kv_heads, m.mlp_dim = 2, 48, 3, 1, 96
         m.head_dim = 16
         m.dtype, m.remat_policy, m.vocab_size, m.max_seq_len = "float32", "none", 0, 32
-        config.data.vocab_size = 400
-        config.data.seq_len = 32
-        config.data.batch_size = 4
-        config.optimizer.warmup_steps = 2
-        config.train.num_steps = 10
-        config.train.log_every = config.train.eval_every = config.train.checkpoint_every = 5
-        config.data.eval_batches = 2
-        config.train.sample_tokens = 10
-        config.train.progress_bar = False
+        make_runlocal(config)
     elif arg is not None:
         raise ValueError(f"unknown variant {arg!r}: use runlocal")
     return config

@@ -97,7 +97,7 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(offset + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         x = self.embed(tokens)
         if cfg.position == "learned":
-            x = x + jnp.take(self.pos_embed.value, positions, axis=0).astype(x.dtype)
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
         keys = (None,) * 3
         if dropout_key is not None:
             keys = tuple(jax.random.split(dropout_key, 3))
@@ -120,7 +120,7 @@ class Decoder(nnx.Module):
         if cfg.tie_embeddings:
             logits = self.embed.attend(x)
         else:
-            logits = project(x, self.lm_head.value.astype(x.dtype))
+            logits = project(x, self.lm_head[...].astype(x.dtype))
         logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
         return logits if cache is None else (logits, new_cache)
 

@@ -74,7 +74,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -90,7 +90,7 @@ class LayerNorm(nnx.Module):
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)
 
 
@@ -143,11 +143,11 @@ class Embed(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """[B, T] int -> [B, T, D]."""
-        return jnp.take(self.embedding.value, tokens, axis=0).astype(self.dtype)
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> logits [B, T, V]."""
-        return project(x, self.embedding.value.astype(self.dtype).T)
+        return project(x, self.embedding[...].astype(self.dtype).T)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,15 +250,13 @@ class Attention(nnx.Module):
         """
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         # One [D, N + 2K, H] matmul instead of three: fewer, larger dots (and their gradients).
-        qkv_proj = jnp.concatenate(
-            [self.q_proj.value, self.k_proj.value, self.v_proj.value], axis=1
-        )
+        qkv_proj = jnp.concatenate([self.q_proj[...], self.k_proj[...], self.v_proj[...]], axis=1)
         qkv = project(x, qkv_proj.astype(dtype))  # [B, T, N + 2K, H]
         q, k, v = jnp.split(qkv, [cfg.num_heads, cfg.num_heads + cfg.num_kv_heads], axis=2)
         if cfg.qkv_bias:
-            q = q + self.q_bias.value.astype(dtype)
-            k = k + self.k_bias.value.astype(dtype)
-            v = v + self.v_bias.value.astype(dtype)
+            q = q + self.q_bias[...].astype(dtype)
+            k = k + self.k_bias[...].astype(dtype)
+            v = v + self.v_bias[...].astype(dtype)
         if cfg.position == "rope":
             q = apply_rope(q, positions, cfg.rope_theta)
             k = apply_rope(k, positions, cfg.rope_theta)
@@ -282,9 +280,9 @@ class Attention(nnx.Module):
             k, v = k_all.astype(dtype), v_all.astype(dtype)
 
         out = dot_product_attention(q, k, v, mask)
-        out = project(out, self.o_proj.value.astype(dtype), num_contract=2)  # [B, T, D]
+        out = project(out, self.o_proj[...].astype(dtype), num_contract=2)  # [B, T, D]
         if cfg.out_bias:
-            out = out + self.o_bias.value.astype(dtype)
+            out = out + self.o_bias[...].astype(dtype)
         return out, cache
 
 
@@ -312,18 +310,18 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, D]."""
         cfg, dtype = self.cfg, self.cfg.compute_dtype
-        up = project(x, self.up_proj.value.astype(dtype))
+        up = project(x, self.up_proj[...].astype(dtype))
         if cfg.out_bias:
-            up = up + self.up_bias.value.astype(dtype)
+            up = up + self.up_bias[...].astype(dtype)
         if cfg.mlp_activation == "swiglu":
-            gate = project(x, self.gate_proj.value.astype(dtype))
+            gate = project(x, self.gate_proj[...].astype(dtype))
             hidden = jax.nn.silu(gate) * up
         else:
             hidden = jax.nn.gelu(up, approximate=True)
         hidden = constrain(hidden, ("batch", "seq", "mlp"))
-        out = project(hidden, self.down_proj.value.astype(dtype))
+        out = project(hidden, self.down_proj[...].astype(dtype))
         if cfg.out_bias:
-            out = out + self.down_bias.value.astype(dtype)
+            out = out + self.down_bias[...].astype(dtype)
         return out
 
 

@@ -72,3 +72,23 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.tensorboard = True
     config.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = look up the device
     return config
+
+
+def make_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Turns a config into its `:runlocal` variant: 10 tiny steps on CPU, for tests and notebooks.
+
+    The model's shape is left to the caller, who shrinks it keeping the model's structure.
+    """
+    if config.data.tokenizer.startswith("sentencepiece"):
+        config.data.vocab_size = 400
+    config.data.seq_len = min(config.data.seq_len, 32)
+    config.data.batch_size = 4
+    config.data.eval_batches = 2
+    config.data.eval_batch_size = 0
+    config.optimizer.warmup_steps = 2
+    config.optimizer.decay_steps = 0
+    config.train.num_steps = 10
+    config.train.log_every = config.train.eval_every = config.train.checkpoint_every = 5
+    config.train.sample_tokens = 10
+    config.train.progress_bar = False
+    return config

@@ -266,8 +266,11 @@ def build_datasets(
             train_packed, config.batch_size, config.seed, process_index, process_count
         ),
         eval_batches=make_eval_batches(
-            val_packed, config.get("eval_batch_size") or config.batch_size, config.eval_batches,
-            process_index, process_count,
+            val_packed,
+            config.get("eval_batch_size") or config.batch_size,
+            config.eval_batches,
+            process_index,
+            process_count,
         ),
         num_train_tokens=sum(len(ids) + extra for ids in train_ids),
         num_val_tokens=sum(len(ids) + extra for ids in val_ids),
