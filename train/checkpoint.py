@@ -7,7 +7,6 @@ ignored and cleaned up on the next start).
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any
 
@@ -63,9 +62,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def read_meta(directory: str | pathlib.Path, step: int) -> dict:
-    """Reads a checkpoint's json metadata without restoring arrays (for tools and tests)."""
-    path = pathlib.Path(directory) / str(step) / "meta" / "metadata"
-    return json.loads(path.read_text())

@@ -7,7 +7,6 @@ state is a small JSON dict, so a resumed run continues at exactly the next batch
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import shutil
@@ -121,18 +120,6 @@ def make_train_dataset(
         .map(_to_example)  # Once per batch rather than per row: ~20% less grain overhead.
         .to_iter_dataset(_READ_OPTIONS)
     )
-
-
-def iterator_state_to_json(iterator: grain.DatasetIterator) -> str:
-    """The iterator's position as a JSON string (grain's state is a plain dict)."""
-    return json.dumps(iterator.get_state())
-
-
-def restore_iterator(dataset: grain.IterDataset, state_json: str) -> grain.DatasetIterator:
-    """A fresh iterator over `dataset` positioned where the saved one was."""
-    iterator = iter(dataset)
-    iterator.set_state(json.loads(state_json))
-    return iterator
 
 
 def make_eval_batches(
