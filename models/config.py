@@ -18,7 +18,7 @@ ATTENTION_IMPLS = ("xla",)
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a decoder-only transformer (GPT-2 and Llama families).
+    """Shape and numerics of a transformer: decoders (GPT-2, Llama families) and BERT encoders.
 
     Attributes:
       vocab_size: number of token ids (V).
@@ -31,12 +31,18 @@ class ModelConfig:
       max_seq_len: longest sequence (learned positions table size, KV cache default).
       norm: "layernorm" (GPT-2) or "rmsnorm" (Llama).
       norm_eps: epsilon inside the norm.
-      mlp_activation: "gelu" (tanh approximation, GPT-2) or "swiglu" (Llama).
+      mlp_activation: "gelu" (tanh approximation, GPT-2), "gelu_exact" (erf, BERT) or
+        "swiglu" (Llama).
       position: "learned" (absolute table, GPT-2) or "rope".
       rope_theta: RoPE base frequency.
       qkv_bias: bias on the q/k/v projections (GPT-2, Qwen 2).
       out_bias: bias on the attention output projection and the MLP (GPT-2).
       tie_embeddings: the LM head reuses the token embedding matrix.
+      norm_placement: "pre" (x + f(norm(x)), GPT-2 and Llama) or "post" (norm(x + f(x)),
+        BERT; there is then no final norm).
+      causal: attention sees only earlier positions (decoders) or every position (encoders).
+      type_vocab_size: rows of the token-type (segment A/B) embedding, 0 for none (BERT: 2).
+      embed_norm: a norm right after the embeddings (BERT).
       dropout_rate: dropout on embeddings, attention output and MLP output in training.
       dtype: compute dtype ("float32" or "bfloat16").
       param_dtype: parameter storage dtype.
@@ -60,12 +66,16 @@ class ModelConfig:
     head_dim: int | None = None
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
     norm_eps: float = 1e-5
-    mlp_activation: Literal["gelu", "swiglu"] = "swiglu"
+    mlp_activation: Literal["gelu", "gelu_exact", "swiglu"] = "swiglu"
     position: Literal["learned", "rope"] = "rope"
     rope_theta: float = 10000.0
     qkv_bias: bool = False
     out_bias: bool = False
     tie_embeddings: bool = False
+    norm_placement: Literal["pre", "post"] = "pre"
+    causal: bool = True
+    type_vocab_size: int = 0
+    embed_norm: bool = False
     dropout_rate: float = 0.0
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -101,7 +111,8 @@ class ModelConfig:
             raise ValueError(f"RoPE needs an even head_dim, got head_dim={self.head_dim}")
         choices = {
             "norm": ("layernorm", "rmsnorm"),
-            "mlp_activation": ("gelu", "swiglu"),
+            "mlp_activation": ("gelu", "gelu_exact", "swiglu"),
+            "norm_placement": ("pre", "post"),
             "position": ("learned", "rope"),
             "remat_policy": REMAT_POLICIES,
             "attention_impl": ATTENTION_IMPLS,
@@ -115,6 +126,8 @@ class ModelConfig:
             raise ValueError(
                 f"scan_unroll={self.scan_unroll} must be between 1 and num_layers={self.num_layers}"
             )
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            raise ValueError(f"type_vocab_size must be >= 0, got {self.type_vocab_size!r}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
 
@@ -157,10 +170,12 @@ class ModelConfig:
         mlp = (3 if self.mlp_activation == "swiglu" else 2) * d * f
         if self.out_bias:
             mlp += f + d
-        norms_per_block = 2 * d * (2 if self.norm == "layernorm" else 1)
-        total = self.num_layers * (attn + mlp + norms_per_block)
-        total += d * (2 if self.norm == "layernorm" else 1)  # final norm
+        norm_size = d * (2 if self.norm == "layernorm" else 1)
+        total = self.num_layers * (attn + mlp + 2 * norm_size)
+        if self.norm_placement == "pre":
+            total += norm_size  # final norm
         if include_embeddings:
+            total += self.type_vocab_size * d + (norm_size if self.embed_norm else 0)
             total += self.vocab_size * d
             if not self.tie_embeddings:
                 total += self.vocab_size * d

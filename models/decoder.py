@@ -12,7 +12,6 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.layers import (
-    Block,
     Embed,
     KVCache,
     constrain,
@@ -21,13 +20,9 @@ from models.layers import (
     normal,
     param,
     project,
+    scan_blocks,
+    stacked_blocks,
 )
-
-_REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 class Decoder(nnx.Module):
@@ -38,6 +33,11 @@ class Decoder(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if not cfg.causal or cfg.norm_placement != "pre":
+            raise ValueError(
+                "Decoder needs causal=True and norm_placement='pre', got "
+                f"causal={cfg.causal}, norm_placement={cfg.norm_placement!r}"
+            )
         self.cfg = cfg
         self.embed = Embed(cfg, rngs=rngs)
         if cfg.position == "learned":
@@ -49,16 +49,7 @@ class Decoder(nnx.Module):
                 ("seq", "embed"),
             )
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(
-            in_axes=(0,),
-            out_axes=0,
-            transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
-        )
-        def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs=rngs)
-
-        self.blocks = make_blocks(rngs)  # every parameter has a leading [L] axis
+        self.blocks = stacked_blocks(cfg, rngs)  # every parameter has a leading [L] axis
         self.final_norm = make_norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(
@@ -105,16 +96,7 @@ class Decoder(nnx.Module):
         x = dropout(x, cfg.dropout_rate, keys[0])
         x = constrain(x, ("batch", "seq", "embed"))
 
-        graphdef, block_state = nnx.split(self.blocks)
-
-        def layer(x, per_layer):
-            state, layer_cache, key = per_layer
-            block = nnx.merge(graphdef, state)
-            return block(x, positions, segment_ids, layer_cache, key)
-
-        if cfg.remat_policy != "none":
-            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat_policy])
-        x, new_cache = jax.lax.scan(layer, x, (block_state, cache, keys[1]), unroll=cfg.scan_unroll)
+        x, new_cache = scan_blocks(self.blocks, x, positions, segment_ids, cache, keys[1])
 
         x = self.final_norm(x)
         if cfg.tie_embeddings:

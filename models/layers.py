@@ -263,7 +263,9 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
 
         if cache is None:
-            mask = make_attention_mask(positions, positions, segment_ids, segment_ids)
+            mask = make_attention_mask(
+                positions, positions, segment_ids, segment_ids, causal=cfg.causal
+            )
         else:
             # Decoding: write the new keys at the cursor, attend over every written slot.
             k_all = jax.lax.dynamic_update_slice_in_dim(
@@ -317,7 +319,7 @@ class MLP(nnx.Module):
             gate = project(x, self.gate_proj[...].astype(dtype))
             hidden = jax.nn.silu(gate) * up
         else:
-            hidden = jax.nn.gelu(up, approximate=True)
+            hidden = jax.nn.gelu(up, approximate=cfg.mlp_activation == "gelu")
         hidden = constrain(hidden, ("batch", "seq", "mlp"))
         out = project(hidden, self.down_proj[...].astype(dtype))
         if cfg.out_bias:
@@ -338,7 +340,11 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Transformer block.
+
+    Pre-norm (GPT-2, Llama): x + attn(norm(x)), then x + mlp(norm(x)).
+    Post-norm (BERT): norm(x + attn(x)), then norm(x + mlp(x)).
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -357,7 +363,63 @@ class Block(nnx.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         rate = self.cfg.dropout_rate
         keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
-        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
-        x = x + dropout(h, rate, keys[0])
-        x = x + dropout(self.mlp(self.mlp_norm(x)), rate, keys[1])
+        if self.cfg.norm_placement == "post":
+            h, cache = self.attn(x, positions, segment_ids, cache)
+            x = self.attn_norm(x + dropout(h, rate, keys[0]))
+            x = self.mlp_norm(x + dropout(self.mlp(x), rate, keys[1]))
+        else:
+            h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
+            x = x + dropout(h, rate, keys[0])
+            x = x + dropout(self.mlp(self.mlp_norm(x)), rate, keys[1])
         return constrain(x, ("batch", "seq", "embed")), cache
+
+
+# ------------------------------------------------------------------------------------------------
+# A stack of blocks, scanned.
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """cfg.num_layers blocks as one Block whose every parameter has a leading [L] axis."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(
+        in_axes=(0,),
+        out_axes=0,
+        transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
+    )
+    def make(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs=rngs)
+
+    return make(rngs)
+
+
+def scan_blocks(
+    blocks: Block,
+    x: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array | None,
+    cache: KVCache | None,
+    dropout_keys: jax.Array | None,
+) -> tuple[jax.Array, KVCache | None]:
+    """Runs stacked blocks over x with `jax.lax.scan`, rematerialised by cfg.remat_policy.
+
+    Compile time does not grow with depth; `cfg.scan_unroll` layers run per loop iteration.
+    `cache` and `dropout_keys` (one key per layer) are scanned along with the parameters.
+    """
+    cfg = blocks.cfg
+    graphdef, block_state = nnx.split(blocks)
+
+    def layer(x, per_layer):
+        state, layer_cache, key = per_layer
+        block = nnx.merge(graphdef, state)
+        return block(x, positions, segment_ids, layer_cache, key)
+
+    if cfg.remat_policy != "none":
+        layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat_policy])
+    return jax.lax.scan(layer, x, (block_state, cache, dropout_keys), unroll=cfg.scan_unroll)
