@@ -1,1 +1,5 @@
-"""Inference: sampling from trained and pretrained models."""
+"""Inference: KV-cached generation from trained and pretrained models."""
+
+from infer.generate import generate, generate_stream
+
+__all__ = ["generate", "generate_stream"]

@@ -67,6 +67,7 @@ class Decoder(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         dropout_key: jax.Array | None = None,
+        logits_positions: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None] | jax.Array:
         """Runs the decoder.
 
@@ -77,6 +78,8 @@ class Decoder(nnx.Module):
           segment_ids: [B, T] packing ids, 0 = padding; None means one sequence per row.
           cache: a stacked KVCache from `init_cache` (leading L axis), or None.
           dropout_key: a PRNG key to enable dropout (training); None disables it.
+          logits_positions: [B] indices into T: compute the logits only there (prefill needs
+            just the last real prompt position), giving [B, 1, V].
 
         Returns:
           float32 logits [B, T, V] when `cache` is None, else (logits, updated cache).
@@ -98,6 +101,8 @@ class Decoder(nnx.Module):
 
         x, new_cache = scan_blocks(self.blocks, x, positions, segment_ids, cache, keys[1])
 
+        if logits_positions is not None:
+            x = jnp.take_along_axis(x, logits_positions[:, None, None], axis=1)
         x = self.final_norm(x)
         if cfg.tie_embeddings:
             logits = self.embed.attend(x)

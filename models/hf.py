@@ -74,12 +74,14 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> tuple[str, ModelC
     if model_type in ("llama", "qwen2"):
         heads = _get(hf, "num_attention_heads", required=True)
         hidden = _get(hf, "hidden_size", required=True)
-        rope_scaling = _get(hf, "rope_scaling")
-        _reject(
-            rope_scaling is not None
-            and rope_scaling.get("rope_type", rope_scaling.get("type")) != "default",
-            f"rope_scaling={rope_scaling}",
-        )
+        # transformers >= 5 writes rope_parameters (theta and scaling); older ones rope_theta
+        # and rope_scaling.
+        rope = {**(_get(hf, "rope_scaling") or {}), **(_get(hf, "rope_parameters") or {})}
+        for key in ("rope_scaling", "rope_parameters"):
+            settings = _get(hf, key) or {}
+            kind = settings.get("rope_type", settings.get("type", "default"))
+            _reject(kind != "default", f"RoPE scaling {key}={settings}")
+        rope_theta = rope.get("rope_theta", _get(hf, "rope_theta", 10000.0))
         _reject(_get(hf, "hidden_act", "silu") != "silu", f"hidden_act={hf.get('hidden_act')}")
         _reject(bool(_get(hf, "mlp_bias", False)), "mlp_bias=True")
         if model_type == "llama":
@@ -99,7 +101,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> tuple[str, ModelC
             norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
             mlp_activation="swiglu",
             position="rope",
-            rope_theta=float(_get(hf, "rope_theta", 10000.0)),
+            rope_theta=float(rope_theta),
             qkv_bias=model_type == "qwen2",
             tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
         )
@@ -193,6 +195,7 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
             "max_position_embeddings": cfg.max_seq_len,
             "rms_norm_eps": cfg.norm_eps,
             "rope_theta": cfg.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
             "tie_word_embeddings": cfg.tie_embeddings,
         }
         if model_type == "llama":

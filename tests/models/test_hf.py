@@ -1,0 +1,181 @@
+"""Hugging Face checkpoints: our logits equal transformers' on golden fixtures; export; errors.
+
+The fixtures under tests/fixtures/golden/ are tiny random-weight checkpoints that
+tests/fixtures/make_golden.py wrote with transformers, with transformers' outputs beside them.
+"""
+
+import json
+import pathlib
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import Decoder, ModelConfig, hf, safetensors_io
+
+GOLDEN = pathlib.Path(__file__).parents[1] / "fixtures" / "golden"
+
+
+def max_relative_error(ours: np.ndarray, reference: np.ndarray, mask=None) -> float:
+    """max |ours - ref| / max |ref| over the compared entries."""
+    diff = np.abs(np.asarray(ours, np.float64) - reference)
+    if mask is not None:
+        diff, reference = diff[mask.astype(bool)], reference[mask.astype(bool)]
+    return float(diff.max() / np.abs(reference).max())
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_tied", "qwen2", "gpt2"])
+def test_decoder_logits_match_transformers(name):
+    model_type, model, _ = hf.load_hf_dir(GOLDEN / name)
+    reference = np.load(GOLDEN / name / "reference.npz")
+    assert model_type == name.split("_")[0]
+    logits = model(jnp.asarray(reference["input_ids"]))
+    assert logits.shape == reference["logits"].shape
+    assert max_relative_error(logits, reference["logits"]) <= 1e-4
+
+
+def test_bert_hidden_states_match_transformers():
+    model_type, model, _ = hf.load_hf_dir(GOLDEN / "bert")
+    reference = np.load(GOLDEN / "bert" / "reference.npz")
+    mask = reference["attention_mask"]
+    hidden = model(
+        jnp.asarray(reference["input_ids"]),
+        jnp.asarray(mask),
+        jnp.asarray(reference["token_type_ids"]),
+    )
+    assert model_type == "bert" and not model.cfg.causal
+    assert not mask.all()  # the fixture pads one row, so padding is exercised
+    # Padded positions' states are not meaningful (transformers computes them differently).
+    assert max_relative_error(hidden, reference["last_hidden_state"], mask) <= 1e-4
+
+
+def test_sharded_index_is_followed():
+    assert (GOLDEN / "llama" / "model.safetensors.index.json").exists()
+    tensors = hf.read_weights(GOLDEN / "llama")
+    index = json.loads((GOLDEN / "llama" / "model.safetensors.index.json").read_text())
+    assert set(tensors) == set(index["weight_map"])
+
+
+def _tiny(**kw) -> ModelConfig:
+    base = dict(
+        vocab_size=96,
+        num_layers=2,
+        embed_dim=32,
+        num_heads=4,
+        num_kv_heads=2,
+        mlp_dim=48,
+        max_seq_len=32,
+    )
+    return ModelConfig(**{**base, **kw})
+
+
+GPT2_STYLE = dict(
+    norm="layernorm",
+    mlp_activation="gelu",
+    position="learned",
+    qkv_bias=True,
+    out_bias=True,
+    tie_embeddings=True,
+    num_kv_heads=4,
+)
+
+
+@pytest.mark.parametrize(
+    "kw, arch",
+    [(dict(), "llama"), (dict(qkv_bias=True, tie_embeddings=True), "qwen2"), (GPT2_STYLE, "gpt2")],
+)
+def test_export_round_trip_gives_identical_logits(tmp_path, kw, arch):
+    model = Decoder(_tiny(**kw), rngs=nnx.Rngs(3))
+    hf.save_hf_dir(model, tmp_path, max_shard_bytes=16_000)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == arch
+    model_type, loaded, _ = hf.load_hf_dir(tmp_path)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 9)))
+    assert model_type == arch
+    np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(loaded(tokens)))
+
+
+def test_bias_free_gpt2_style_model_exports_with_zero_biases(tmp_path):
+    kw = {**GPT2_STYLE, "qkv_bias": False, "out_bias": False}
+    model = Decoder(_tiny(**kw), rngs=nnx.Rngs(0))
+    hf.save_hf_dir(model, tmp_path)
+    tensors, _ = safetensors_io.read(tmp_path / "model.safetensors")
+    assert not tensors["transformer.h.0.attn.c_attn.bias"].any()
+    _, loaded, _ = hf.load_hf_dir(tmp_path)
+    tokens = jnp.arange(8)[None]
+    np.testing.assert_allclose(model(tokens), loaded(tokens), atol=1e-6)
+
+
+def test_unexportable_config_is_named():
+    with pytest.raises(hf.CheckpointError, match="matches no Hugging Face decoder"):
+        hf.architecture_of(_tiny(norm="layernorm"))
+
+
+def test_safetensors_writer_is_read_by_the_safetensors_package(tmp_path):
+    from safetensors.numpy import load_file
+
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float16)}
+    safetensors_io.write(tmp_path / "x.safetensors", arrays)
+    loaded = load_file(str(tmp_path / "x.safetensors"))
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(loaded[name], array)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad checkpoints.
+
+
+@pytest.fixture
+def llama_copy(tmp_path):
+    target = tmp_path / "llama"
+    shutil.copytree(GOLDEN / "llama_tied", target)
+    return target
+
+
+def test_wrong_shape_names_tensor_and_expected_shape(llama_copy):
+    tensors, _ = safetensors_io.read(llama_copy / "model.safetensors")
+    tensors = dict(tensors)
+    name = "model.layers.1.self_attn.k_proj.weight"
+    tensors[name] = np.zeros((tensors[name].shape[0] + 4, tensors[name].shape[1]), np.float32)
+    safetensors_io.write(llama_copy / "model.safetensors", tensors)
+    with pytest.raises(
+        hf.CheckpointError, match=r"k_proj\.weight.*has shape \(20, 48\).*expects \(16, 48\)"
+    ):
+        hf.load_hf_dir(llama_copy)
+
+
+def test_missing_tensor_is_named(llama_copy):
+    tensors = dict(safetensors_io.read(llama_copy / "model.safetensors")[0])
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    safetensors_io.write(llama_copy / "model.safetensors", tensors)
+    with pytest.raises(hf.CheckpointError, match=r"missing tensor 'model\.layers\.0\.mlp\.up_proj"):
+        hf.load_hf_dir(llama_copy)
+
+
+def test_unexpected_tensor_is_named(llama_copy):
+    tensors = dict(safetensors_io.read(llama_copy / "model.safetensors")[0])
+    tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(48, np.float32)
+    safetensors_io.write(llama_copy / "model.safetensors", tensors)
+    with pytest.raises(hf.CheckpointError, match="q_proj.bias"):
+        hf.load_hf_dir(llama_copy)
+
+
+def test_truncated_safetensors_is_named(llama_copy):
+    path = llama_copy / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(hf.CheckpointError, match="truncated"):
+        hf.load_hf_dir(llama_copy)
+
+
+def test_unknown_architecture_and_features(llama_copy):
+    with pytest.raises(hf.CheckpointError, match="unsupported architecture model_type='mamba'"):
+        hf.config_from_hf({"model_type": "mamba"})
+    config = json.loads((llama_copy / "config.json").read_text())
+    with pytest.raises(hf.CheckpointError, match="RoPE scaling"):
+        hf.config_from_hf({**config, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    (llama_copy / "config.json").unlink()
+    with pytest.raises(hf.CheckpointError, match="no config.json"):
+        hf.load_hf_dir(llama_copy)
