@@ -1,0 +1,125 @@
+"""The KV-cached decode loop and `generate`: equal to recomputing from scratch, sampling rules."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tokenizers
+from flax import nnx
+
+from infer import generate
+from infer.generate import PROMPT_BUCKET, stream_token_ids
+from infer.sampling import sample_logits
+from models import Decoder, ModelConfig
+from models.tokenizer import Tokenizer
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = ModelConfig(
+        vocab_size=300,
+        num_layers=2,
+        embed_dim=32,
+        num_heads=4,
+        num_kv_heads=2,
+        mlp_dim=64,
+        max_seq_len=160,
+        init_std=0.2,
+    )
+    return Decoder(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def lm(model):
+    # A byte-level BPE with no merges: one token per byte, plus two special tokens.
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, []))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    backend.add_special_tokens(["<s>", "</s>"])
+    tokenizer = Tokenizer(
+        backend,
+        special_tokens={"bos_token": "<s>", "eos_token": "</s>"},
+        chat_template=CHAT_TEMPLATE,
+    )
+
+    @dataclasses.dataclass
+    class LM:
+        model: Decoder
+        tokenizer: Tokenizer
+
+    return LM(model, tokenizer)
+
+
+def greedy_without_cache(model, prompt, steps):
+    ids = list(prompt)
+    for _ in range(steps):
+        logits = model(jnp.asarray([ids]))
+        ids.append(int(jnp.argmax(logits[0, -1])))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("prompt_len", [5, PROMPT_BUCKET + 3])
+def test_cached_greedy_equals_recomputing_everything(model, prompt_len):
+    prompt = list(np.random.default_rng(prompt_len).integers(0, 300, prompt_len))
+    ours = list(stream_token_ids(model, prompt, 12))
+    assert ours == greedy_without_cache(model, prompt, 12)
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(model):
+    prompt = [1, 2, 3]
+    run = lambda seed: list(stream_token_ids(model, prompt, 20, temperature=2.0, seed=seed))
+    assert run(0) == run(0)
+    assert run(0) != run(1)
+
+
+def test_stop_ids_end_generation_and_are_not_returned(model):
+    prompt = [7, 8, 9]
+    full = list(stream_token_ids(model, prompt, 10))
+    stop = full[4]
+    first = full.index(stop)
+    assert list(stream_token_ids(model, prompt, 10, stop_ids=frozenset({stop}))) == full[:first]
+
+
+def test_max_tokens_is_clipped_to_the_context(model):
+    prompt = list(range(150))
+    assert len(list(stream_token_ids(model, prompt, 50))) == 160 - 150
+    with pytest.raises(ValueError, match="context is 160"):
+        next(stream_token_ids(model, list(range(160)), 5))
+    with pytest.raises(ValueError, match="empty"):
+        next(stream_token_ids(model, [], 5))
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = np.array([0.55, 0.3, 0.1, 0.05])
+    logits = jnp.log(jnp.asarray(np.tile(probs, (2000, 1)), jnp.float32))
+    draws = np.asarray(sample_logits(logits, jax.random.key(0), 1.0, top_p=0.8))
+    assert set(draws) == {0, 1}  # 0.55 < 0.8 needs the second token; 0.85 >= 0.8 stops there
+    assert abs((draws == 0).mean() - 0.55 / 0.85) < 0.05
+    tiny = np.asarray(sample_logits(logits, jax.random.key(1), 1.0, top_p=0.01))
+    assert set(tiny) == {0}
+    top2 = np.asarray(sample_logits(logits, jax.random.key(2), 1.0, top_k=2))
+    assert set(top2) == {0, 1}
+
+
+def test_generate_takes_text_or_messages(lm):
+    text = generate(lm, "hello", max_tokens=8)
+    ids = lm.tokenizer.encode("hello", add_special_tokens=True)
+    expected = [t for t in greedy_without_cache(lm.model, ids, 8)]
+    stop = [i for i, t in enumerate(expected) if t in lm.tokenizer.stop_ids]
+    expected = expected[: stop[0]] if stop else expected
+    assert text == lm.tokenizer.decode(expected)
+
+    messages = [{"role": "user", "content": "hi"}]
+    chat_ids = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert lm.tokenizer.decode(chat_ids, skip_special_tokens=False).endswith("<s>assistant: ")
+    reply = generate(lm, messages, max_tokens=6, temperature=0.7, top_p=0.9, seed=3)
+    assert reply == generate(lm, messages, max_tokens=6, temperature=0.7, top_p=0.9, seed=3)
