@@ -1,5 +1,5 @@
 """Inference: KV-cached generation from trained and pretrained models."""
 
-from infer.generate import generate, generate_stream
+from infer.decoding import generate, generate_stream
 
 __all__ = ["generate", "generate_stream"]

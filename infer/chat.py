@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from infer.generate import Messages, add_model_args, generate_stream
+from infer.decoding import Messages, add_model_args, generate_stream, load_model_or_exit
 
 
 def chat_loop(lm, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> Messages:
@@ -55,9 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--system", default=None, help="a system message")
     args = parser.parse_args(argv)
 
-    from models import load_pretrained
-
-    lm = load_pretrained(args.model, dtype=args.dtype)
+    lm = load_model_or_exit(args)
     if lm.tokenizer.chat_template is None:
         print(
             f"{args.model} has no chat template; use python -m infer.generate --raw",

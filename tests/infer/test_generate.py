@@ -10,7 +10,7 @@ import tokenizers
 from flax import nnx
 
 from infer import generate
-from infer.generate import PROMPT_BUCKET, stream_token_ids
+from infer.decoding import PROMPT_BUCKET, stream_token_ids
 from infer.sampling import sample_logits
 from models import Decoder, ModelConfig
 from models.tokenizer import Tokenizer
@@ -76,7 +76,10 @@ def test_cached_greedy_equals_recomputing_everything(model, prompt_len):
 
 def test_same_seed_same_tokens_other_seed_other_tokens(model):
     prompt = [1, 2, 3]
-    run = lambda seed: list(stream_token_ids(model, prompt, 20, temperature=2.0, seed=seed))
+
+    def run(seed):
+        return list(stream_token_ids(model, prompt, 20, temperature=2.0, seed=seed))
+
     assert run(0) == run(0)
     assert run(0) != run(1)
 
@@ -123,3 +126,23 @@ def test_generate_takes_text_or_messages(lm):
     assert lm.tokenizer.decode(chat_ids, skip_special_tokens=False).endswith("<s>assistant: ")
     reply = generate(lm, messages, max_tokens=6, temperature=0.7, top_p=0.9, seed=3)
     assert reply == generate(lm, messages, max_tokens=6, temperature=0.7, top_p=0.9, seed=3)
+
+
+def test_chat_loop_keeps_the_conversation(lm):
+    import argparse
+    import io
+
+    from infer.chat import chat_loop
+
+    args = argparse.Namespace(
+        system="be brief", max_tokens=5, temperature=0.0, top_p=1.0, top_k=None, seed=0
+    )
+    stdin = io.StringIO("hello\n\n/reset\nagain\nmore\n")
+    stdout = io.StringIO()
+    messages = chat_loop(lm, args, stdin, stdout)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["again", "more"]
+    assert "(conversation cleared)" in stdout.getvalue()
+    # The second reply was generated with the first exchange in its prompt.
+    first_turn = messages[:3]
+    assert messages[4]["content"] == generate(lm, first_turn + [messages[3]], max_tokens=5).strip()

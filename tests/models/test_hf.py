@@ -5,8 +5,10 @@ tests/fixtures/make_golden.py wrote with transformers, with transformers' output
 """
 
 import json
+import os
 import pathlib
 import shutil
+import subprocess
 
 import jax.numpy as jnp
 import numpy as np
@@ -179,3 +181,41 @@ def test_unknown_architecture_and_features(llama_copy):
     (llama_copy / "config.json").unlink()
     with pytest.raises(hf.CheckpointError, match="no config.json"):
         hf.load_hf_dir(llama_copy)
+
+
+def test_gguf_logits_match_transformers_on_the_same_tensors():
+    from models import load_pretrained
+
+    lm = load_pretrained(GOLDEN / "llama_gguf" / "model.gguf")
+    reference = np.load(GOLDEN / "llama_gguf" / "reference.npz")
+    logits = lm.model(jnp.asarray(reference["input_ids"]))
+    assert max_relative_error(logits, reference["logits"]) <= 1e-4
+    types = {t.ggml_type for t in lm.gguf_file.tensors.values()}
+    assert {"F16", "Q8_0", "F32"} <= types
+
+
+PEER_PYTHON = os.environ.get("JAXLM_PEER_PYTHON")
+
+
+@pytest.mark.skipif(not PEER_PYTHON, reason="set JAXLM_PEER_PYTHON to a python with transformers")
+@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=True), GPT2_STYLE])
+def test_transformers_loads_our_export_to_the_same_logits(tmp_path, kw):
+    model = Decoder(_tiny(**{**kw, "init_std": 0.2}), rngs=nnx.Rngs(5))
+    hf.save_hf_dir(model, tmp_path / "export")
+    tokens = np.random.default_rng(1).integers(0, 96, (2, 11)).astype(np.int32)
+    np.savez(tmp_path / "ours.npz", input_ids=tokens, logits=np.asarray(model(jnp.asarray(tokens))))
+    script = GOLDEN.parent / "make_golden.py"
+    result = subprocess.run(
+        [
+            PEER_PYTHON,
+            str(script),
+            "check-export",
+            str(tmp_path / "export"),
+            "--expect",
+            str(tmp_path / "ours.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
