@@ -1,7 +1,7 @@
 """Tests for experiments/benchmarks/decode.py: its timing, report and table on a tiny random model.
 
 The run against SmolLM2 and the peers (slow, data) needs a peer interpreter with torch,
-transformers, gguf and llama-cpp-python: JAXLM_PEER_PYTHON, or /work/peer-venv/bin/python.
+transformers, gguf and llama-cpp-python, named by JAXLM_PEER_PYTHON.
 """
 
 import importlib.util
@@ -17,7 +17,7 @@ from flax import nnx
 from models import Decoder, ModelConfig
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "benchmarks"
-PEER_PYTHON = os.environ.get("JAXLM_PEER_PYTHON", "/work/peer-venv/bin/python")
+PEER_PYTHON = os.environ.get("JAXLM_PEER_PYTHON", "")
 PROMPT = [3, 14, 15, 9, 26, 5, 35, 8]  # P = 8
 NEW_TOKENS = 4
 
