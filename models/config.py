@@ -33,7 +33,8 @@ class ModelConfig:
       norm_eps: epsilon inside the norm.
       mlp_activation: "gelu" (tanh approximation, GPT-2), "gelu_exact" (erf, BERT) or
         "swiglu" (Llama).
-      position: "learned" (absolute table, GPT-2) or "rope".
+      position: "learned" (absolute table, GPT-2), "rope" (Llama) or "alibi" (a per-head linear
+        distance penalty on the attention scores, Press et al. 2022; BLOOM).
       rope_theta: RoPE base frequency.
       qkv_bias: bias on the q/k/v projections (GPT-2, Qwen 2).
       out_bias: bias on the attention output projection and the MLP (GPT-2).
@@ -42,7 +43,7 @@ class ModelConfig:
         BERT; there is then no final norm).
       causal: attention sees only earlier positions (decoders) or every position (encoders).
       type_vocab_size: rows of the token-type (segment A/B) embedding, 0 for none (BERT: 2).
-      embed_norm: a norm right after the embeddings (BERT).
+      embed_norm: a norm right after the embeddings (BERT, BLOOM).
       dropout_rate: dropout on embeddings, attention output and MLP output in training.
       dtype: compute dtype ("float32" or "bfloat16").
       param_dtype: parameter storage dtype.
@@ -67,7 +68,7 @@ class ModelConfig:
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
     norm_eps: float = 1e-5
     mlp_activation: Literal["gelu", "gelu_exact", "swiglu"] = "swiglu"
-    position: Literal["learned", "rope"] = "rope"
+    position: Literal["learned", "rope", "alibi"] = "rope"
     rope_theta: float = 10000.0
     qkv_bias: bool = False
     out_bias: bool = False
@@ -113,7 +114,7 @@ class ModelConfig:
             "norm": ("layernorm", "rmsnorm"),
             "mlp_activation": ("gelu", "gelu_exact", "swiglu"),
             "norm_placement": ("pre", "post"),
-            "position": ("learned", "rope"),
+            "position": ("learned", "rope", "alibi"),
             "remat_policy": REMAT_POLICIES,
             "attention_impl": ATTENTION_IMPLS,
             "dtype": ("float32", "bfloat16", "float16"),

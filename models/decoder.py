@@ -49,6 +49,8 @@ class Decoder(nnx.Module):
                 ("seq", "embed"),
             )
 
+        if cfg.embed_norm:
+            self.embed_norm = make_norm(cfg, rngs)
         self.blocks = stacked_blocks(cfg, rngs)  # every parameter has a leading [L] axis
         self.final_norm = make_norm(cfg, rngs)
         if not cfg.tie_embeddings:
@@ -96,6 +98,8 @@ class Decoder(nnx.Module):
         if dropout_key is not None:
             keys = tuple(jax.random.split(dropout_key, 3))
             keys = (keys[0], jax.random.split(keys[1], cfg.num_layers), keys[2])
+        if cfg.embed_norm:
+            x = self.embed_norm(x)
         x = dropout(x, cfg.dropout_rate, keys[0])
         x = constrain(x, ("batch", "seq", "embed"))
 

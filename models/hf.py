@@ -4,8 +4,7 @@ One table per architecture (`_specs`) says which Hugging Face tensor becomes whi
 parameters and how (transpose, split heads, split a fused projection). The same table runs
 forwards to load and backwards to export, so the two cannot disagree.
 
-Architectures: llama (Llama 2/3, SmolLM2, Mistral-style without sliding window), qwen2,
-gpt2 and bert. Loading is strict: a missing tensor, a tensor of the wrong shape, or a tensor
+Architectures: llama (Llama 2/3, SmolLM2), qwen2, gpt2, bloom (ALiBi) and bert. Loading is strict: a missing tensor, a tensor of the wrong shape, or a tensor
 that no parameter takes is an error naming it, never silently a random or dropped weight.
 """
 
@@ -29,8 +28,8 @@ from models.config import ModelConfig
 from models.decoder import Decoder
 from models.encoder import Encoder
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gpt2", "bert")
-DECODER_ARCHITECTURES = ("llama", "qwen2", "gpt2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gpt2", "bloom", "bert")
+DECODER_ARCHITECTURES = ("llama", "qwen2", "gpt2", "bloom")
 
 
 class CheckpointError(ValueError):
@@ -127,6 +126,30 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> tuple[str, ModelC
             out_bias=True,
             tie_embeddings=True,
         )
+    elif model_type == "bloom":
+        hidden = _get(hf, "hidden_size", _get(hf, "n_embed"))
+        _reject(hidden is None, "config.json of a bloom model has no hidden_size")
+        _reject(
+            bool(_get(hf, "apply_residual_connection_post_layernorm", False)),
+            "apply_residual_connection_post_layernorm=True",
+        )
+        values = dict(
+            vocab_size=_get(hf, "vocab_size", required=True),
+            num_layers=_get(hf, "n_layer", required=True),
+            embed_dim=hidden,
+            num_heads=_get(hf, "n_head", required=True),
+            mlp_dim=4 * hidden,
+            # ALiBi has no position table; this only bounds caches and prompts.
+            max_seq_len=_get(hf, "seq_length", 2048),
+            norm="layernorm",
+            norm_eps=float(_get(hf, "layer_norm_epsilon", 1e-5)),
+            mlp_activation="gelu",
+            position="alibi",
+            qkv_bias=True,
+            out_bias=True,
+            tie_embeddings=True,
+            embed_norm=True,
+        )
     else:  # bert
         activation = _get(hf, "hidden_act", "gelu")
         activations = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
@@ -165,10 +188,13 @@ def architecture_of(cfg: ModelConfig) -> str:
         if (cfg.norm, cfg.mlp_activation, cfg.position) == ("rmsnorm", "swiglu", "rope"):
             if not cfg.out_bias:
                 return "qwen2" if cfg.qkv_bias else "llama"
-        if (cfg.norm, cfg.mlp_activation, cfg.position) == ("layernorm", "gelu", "learned"):
-            if cfg.tie_embeddings and cfg.head_dim * cfg.num_heads == cfg.embed_dim:
-                if cfg.num_kv_heads == cfg.num_heads and cfg.qkv_bias == cfg.out_bias:
-                    return "gpt2"
+        gpt2_like = cfg.tie_embeddings and cfg.head_dim * cfg.num_heads == cfg.embed_dim
+        gpt2_like &= cfg.num_kv_heads == cfg.num_heads and cfg.qkv_bias == cfg.out_bias
+        if gpt2_like and (cfg.norm, cfg.mlp_activation) == ("layernorm", "gelu"):
+            if cfg.position == "learned" and not cfg.embed_norm:
+                return "gpt2"
+            if cfg.position == "alibi" and cfg.embed_norm and cfg.mlp_dim == 4 * cfg.embed_dim:
+                return "bloom"
     raise CheckpointError(
         "this config matches no Hugging Face decoder architecture we export "
         f"({list(DECODER_ARCHITECTURES)}): norm={cfg.norm}, mlp={cfg.mlp_activation}, "
@@ -215,6 +241,19 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
             "n_ctx": cfg.max_seq_len,
             "activation_function": "gelu_new",
             "layer_norm_epsilon": cfg.norm_eps,
+            "tie_word_embeddings": True,
+        }
+    elif model_type == "bloom":
+        hf = {
+            "architectures": ["BloomForCausalLM"],
+            "model_type": "bloom",
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.embed_dim,
+            "n_layer": cfg.num_layers,
+            "n_head": cfg.num_heads,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "seq_length": cfg.max_seq_len,
+            "apply_residual_connection_post_layernorm": False,
             "tie_word_embeddings": True,
         }
     else:
@@ -344,6 +383,48 @@ def _gpt2_specs(cfg: ModelConfig) -> list[Spec]:
     ]
 
 
+def _bloom_specs(cfg: ModelConfig) -> list[Spec]:
+    d, n, h, f = cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+    layer = "h.{i}."
+
+    # BLOOM fuses q, k, v per head: the output rows of query_key_value are [N, 3, H].
+    def split_weight(w: np.ndarray) -> tuple[np.ndarray, ...]:
+        w = w.reshape(n, 3, h, d)
+        return tuple(w[:, j].transpose(2, 0, 1) for j in range(3))  # each [D, N, H]
+
+    def fuse_weight(xs: tuple[np.ndarray, ...]) -> np.ndarray:
+        return np.stack([x.transpose(1, 2, 0) for x in xs], axis=1).reshape(3 * n * h, d)
+
+    def split_bias(b: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(b.reshape(n, 3, h)[:, j] for j in range(3))
+
+    def fuse_bias(xs: tuple[np.ndarray, ...]) -> np.ndarray:
+        return np.stack(xs, axis=1).reshape(-1)
+
+    attn = layer + "self_attention."
+    qkv = tuple(("blocks", "attn", f"{x}_proj") for x in "qkv")
+    qkv_bias = tuple(("blocks", "attn", f"{x}_bias") for x in "qkv")
+    return [
+        _same("word_embeddings.weight", ("embed", "embedding")),
+        _same("word_embeddings_layernorm.weight", ("embed_norm", "scale")),
+        _same("word_embeddings_layernorm.bias", ("embed_norm", "bias")),
+        _same(layer + "input_layernorm.weight", ("blocks", "attn_norm", "scale")),
+        _same(layer + "input_layernorm.bias", ("blocks", "attn_norm", "bias")),
+        Spec(attn + "query_key_value.weight", qkv, split_weight, fuse_weight),
+        Spec(attn + "query_key_value.bias", qkv_bias, split_bias, fuse_bias),
+        _out_of(attn + "dense.weight", ("blocks", "attn", "o_proj"), (n, h)),
+        _same(attn + "dense.bias", ("blocks", "attn", "o_bias")),
+        _same(layer + "post_attention_layernorm.weight", ("blocks", "mlp_norm", "scale")),
+        _same(layer + "post_attention_layernorm.bias", ("blocks", "mlp_norm", "bias")),
+        _into(layer + "mlp.dense_h_to_4h.weight", ("blocks", "mlp", "up_proj"), (f,)),
+        _same(layer + "mlp.dense_h_to_4h.bias", ("blocks", "mlp", "up_bias")),
+        _out_of(layer + "mlp.dense_4h_to_h.weight", ("blocks", "mlp", "down_proj"), (f,)),
+        _same(layer + "mlp.dense_4h_to_h.bias", ("blocks", "mlp", "down_bias")),
+        _same("ln_f.weight", ("final_norm", "scale")),
+        _same("ln_f.bias", ("final_norm", "bias")),
+    ]
+
+
 def _bert_specs(cfg: ModelConfig) -> list[Spec]:
     n, h, f = cfg.num_heads, cfg.head_dim, cfg.mlp_dim
     layer = "encoder.layer.{i}."
@@ -374,17 +455,24 @@ def _bert_specs(cfg: ModelConfig) -> list[Spec]:
     return specs
 
 
-_SPECS = {"llama": _llama_specs, "qwen2": _llama_specs, "gpt2": _gpt2_specs, "bert": _bert_specs}
+_SPECS = {
+    "llama": _llama_specs,
+    "qwen2": _llama_specs,
+    "gpt2": _gpt2_specs,
+    "bloom": _bloom_specs,
+    "bert": _bert_specs,
+}
 
 # Tensors a checkpoint may hold that no parameter takes: buffers, unused heads.
 _IGNORED = {
     "llama": (r".*rotary_emb\.inv_freq", r"lm_head\.weight"),
     "qwen2": (r".*rotary_emb\.inv_freq", r"lm_head\.weight"),
     "gpt2": (r"h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"),
+    "bloom": (r"lm_head\.weight",),
     "bert": (r"embeddings\.position_ids", r"pooler\..*", r"cls\..*"),
 }
 # Prefixes of task-model checkpoints (GPT2LMHeadModel, BertForMaskedLM) dropped on load.
-_PREFIXES = {"gpt2": "transformer.", "bert": "bert."}
+_PREFIXES = {"gpt2": "transformer.", "bloom": "transformer.", "bert": "bert."}
 
 
 def _normalise_names(model_type: str, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -512,7 +600,7 @@ def to_hf_tensors(model: nnx.Module, model_type: str | None = None) -> dict[str,
                 out[spec.hf_name.format(i=i)] = spec.to_hf(tuple(o[i] for o in ours))
         else:
             out[spec.hf_name] = spec.to_hf(tuple(ours))
-    prefix = "transformer." if model_type == "gpt2" else ""
+    prefix = "transformer." if model_type in ("gpt2", "bloom") else ""
     return {prefix + name: np.ascontiguousarray(a) for name, a in out.items()}
 
 

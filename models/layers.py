@@ -128,6 +128,33 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return rotated.astype(x.dtype)
 
 
+def alibi_slopes(num_heads: int) -> jax.Array:
+    """ALiBi's per-head slopes (Press et al. 2022): a geometric sequence 2^(-8i/n).
+
+    For a head count that is not a power of two, the slopes of the nearest lower power of two
+    are followed by every other slope of the next power of two (as BLOOM and the paper's code).
+    """
+
+    def geometric(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    power = 2 ** math.floor(math.log2(num_heads))
+    slopes = geometric(power)
+    if power != num_heads:
+        slopes += geometric(2 * power)[0::2][: num_heads - power]
+    return jnp.asarray(slopes, jnp.float32)
+
+
+def alibi_bias(
+    num_heads: int, num_kv_heads: int, query_positions: jax.Array, key_positions: jax.Array
+) -> jax.Array:
+    """Additive attention bias slope_n * (s - t), shaped [B, K, G, T, S] for grouped heads."""
+    distance = key_positions[:, None, :] - query_positions[:, :, None]  # [B, T, S]
+    slopes = alibi_slopes(num_heads).reshape(num_kv_heads, num_heads // num_kv_heads)
+    return slopes[None, :, :, None, None] * distance[:, None, None].astype(jnp.float32)
+
+
 class Embed(nnx.Module):
     """Token embedding table, also usable as the tied LM head (`attend`)."""
 
@@ -188,11 +215,14 @@ def make_attention_mask(
     return mask[:, None, None, :, :]
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, bias: jax.Array | None = None
+) -> jax.Array:
     """Plain XLA attention with grouped heads; softmax in float32.
 
     Args:
       q: [B, T, N, H]; k, v: [B, S, K, H] with N = K * G; mask: [B, 1, 1, T, S] bool.
+      bias: added to the scaled scores, broadcastable to [B, K, G, T, S] (ALiBi), or None.
 
     Returns:
       [B, T, N, H].
@@ -202,6 +232,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(h)
+    if bias is not None:
+        scores = scores + bias
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     # A fully masked row (a padding query) becomes uniform, not NaN; its output is never used.
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -262,6 +294,7 @@ class Attention(nnx.Module):
             k = apply_rope(k, positions, cfg.rope_theta)
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
 
+        key_positions = positions
         if cache is None:
             mask = make_attention_mask(
                 positions, positions, segment_ids, segment_ids, causal=cfg.causal
@@ -281,7 +314,10 @@ class Attention(nnx.Module):
             mask &= (slots < cache.index)[:, None, None, None, :]
             k, v = k_all.astype(dtype), v_all.astype(dtype)
 
-        out = dot_product_attention(q, k, v, mask)
+        bias = None
+        if cfg.position == "alibi":
+            bias = alibi_bias(cfg.num_heads, cfg.num_kv_heads, positions, key_positions)
+        out = dot_product_attention(q, k, v, mask, bias)
         out = project(out, self.o_proj[...].astype(dtype), num_contract=2)  # [B, T, D]
         if cfg.out_bias:
             out = out + self.o_bias[...].astype(dtype)

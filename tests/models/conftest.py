@@ -51,8 +51,14 @@ def llama_tiny(num_kv_heads: int = 2, **changes) -> ModelConfig:
     )
 
 
+def bloom_tiny(**changes) -> ModelConfig:
+    """ALiBi (no position table), embedding LayerNorm, GELU, biases, tied head."""
+    return gpt2_tiny(**{"position": "alibi", "embed_norm": True, "num_heads": 8, **changes})
+
+
 FAMILIES = {
     "gpt2": gpt2_tiny,
+    "bloom": bloom_tiny,
     "llama_gqa": lambda: llama_tiny(num_kv_heads=2),
     "llama_mqa": lambda: llama_tiny(num_kv_heads=1),
 }
@@ -97,7 +103,7 @@ def tiny_models() -> Callable[[str], TinyModel]:
 
 @pytest.fixture(scope="session", params=sorted(FAMILIES))
 def tiny_model(request, tiny_models) -> TinyModel:
-    """Each family in turn: GPT-2 style, Llama style with GQA (K=2) and with MQA (K=1)."""
+    """Each family in turn: GPT-2, BLOOM (ALiBi), Llama with GQA (K=2) and with MQA (K=1)."""
     return tiny_models(request.param)
 
 

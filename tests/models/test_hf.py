@@ -28,7 +28,7 @@ def max_relative_error(ours: np.ndarray, reference: np.ndarray, mask=None) -> fl
     return float(diff.max() / np.abs(reference).max())
 
 
-@pytest.mark.parametrize("name", ["llama", "llama_tied", "qwen2", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "llama_tied", "qwen2", "gpt2", "bloom"])
 def test_decoder_logits_match_transformers(name):
     model_type, model, _ = hf.load_hf_dir(GOLDEN / name)
     reference = np.load(GOLDEN / name / "reference.npz")
@@ -84,9 +84,17 @@ GPT2_STYLE = dict(
 )
 
 
+BLOOM_STYLE = {**GPT2_STYLE, "position": "alibi", "embed_norm": True, "mlp_dim": 128}
+
+
 @pytest.mark.parametrize(
     "kw, arch",
-    [(dict(), "llama"), (dict(qkv_bias=True, tie_embeddings=True), "qwen2"), (GPT2_STYLE, "gpt2")],
+    [
+        (dict(), "llama"),
+        (dict(qkv_bias=True, tie_embeddings=True), "qwen2"),
+        (GPT2_STYLE, "gpt2"),
+        (BLOOM_STYLE, "bloom"),
+    ],
 )
 def test_export_round_trip_gives_identical_logits(tmp_path, kw, arch):
     model = Decoder(_tiny(**kw), rngs=nnx.Rngs(3))
@@ -198,7 +206,9 @@ PEER_PYTHON = os.environ.get("JAXLM_PEER_PYTHON")
 
 
 @pytest.mark.skipif(not PEER_PYTHON, reason="set JAXLM_PEER_PYTHON to a python with transformers")
-@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=True), GPT2_STYLE])
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(qkv_bias=True, tie_embeddings=True), GPT2_STYLE, BLOOM_STYLE]
+)
 def test_transformers_loads_our_export_to_the_same_logits(tmp_path, kw):
     model = Decoder(_tiny(**{**kw, "init_std": 0.2}), rngs=nnx.Rngs(5))
     hf.save_hf_dir(model, tmp_path / "export")
