@@ -31,10 +31,16 @@ class ModelConfig:
       max_seq_len: longest sequence (learned positions table size, KV cache default).
       norm: "layernorm" (GPT-2) or "rmsnorm" (Llama).
       norm_eps: epsilon inside the norm.
-      mlp_activation: "gelu" (tanh approximation, GPT-2), "gelu_exact" (erf, BERT) or
-        "swiglu" (Llama).
-      position: "learned" (absolute table, GPT-2), "rope" (Llama) or "alibi" (a per-head linear
-        distance penalty on the attention scores, Press et al. 2022; BLOOM).
+      mlp_activation: "gelu" (tanh approximation, GPT-2), "gelu_exact" (erf, BERT), "relu"
+        (T5 v1.0), or gated: "swiglu" (Llama), "geglu" (tanh-GELU gate, T5 v1.1 / Flan-T5).
+      position: "learned" (absolute table, GPT-2), "rope" (Llama), "alibi" (a per-head linear
+        distance penalty on the attention scores, Press et al. 2022; BLOOM) or "relative"
+        (T5's learned bias per bucket of relative distance, shared by all layers of a stack).
+      relative_buckets / relative_max_distance: T5's bucketing of relative distances.
+      scale_attention: divide attention scores by sqrt(head_dim); T5 folds that into its init.
+      num_decoder_layers: decoder depth of an encoder-decoder model (None: num_layers).
+      head_input_scale: multiplies the final hidden state before the LM head (T5 v1.0 and
+        transformers' T5 saves: embed_dim ** -0.5; everything else 1).
       rope_theta: RoPE base frequency.
       qkv_bias: bias on the q/k/v projections (GPT-2, Qwen 2).
       out_bias: bias on the attention output projection and the MLP (GPT-2).
@@ -67,9 +73,14 @@ class ModelConfig:
     head_dim: int | None = None
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
     norm_eps: float = 1e-5
-    mlp_activation: Literal["gelu", "gelu_exact", "swiglu"] = "swiglu"
-    position: Literal["learned", "rope", "alibi"] = "rope"
+    mlp_activation: Literal["gelu", "gelu_exact", "relu", "swiglu", "geglu"] = "swiglu"
+    position: Literal["learned", "rope", "alibi", "relative"] = "rope"
     rope_theta: float = 10000.0
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    scale_attention: bool = True
+    num_decoder_layers: int | None = None
+    head_input_scale: float = 1.0
     qkv_bias: bool = False
     out_bias: bool = False
     tie_embeddings: bool = False
@@ -112,9 +123,9 @@ class ModelConfig:
             raise ValueError(f"RoPE needs an even head_dim, got head_dim={self.head_dim}")
         choices = {
             "norm": ("layernorm", "rmsnorm"),
-            "mlp_activation": ("gelu", "gelu_exact", "swiglu"),
+            "mlp_activation": ("gelu", "gelu_exact", "relu", "swiglu", "geglu"),
             "norm_placement": ("pre", "post"),
-            "position": ("learned", "rope", "alibi"),
+            "position": ("learned", "rope", "alibi", "relative"),
             "remat_policy": REMAT_POLICIES,
             "attention_impl": ATTENTION_IMPLS,
             "dtype": ("float32", "bfloat16", "float16"),
@@ -131,6 +142,10 @@ class ModelConfig:
             raise ValueError(f"type_vocab_size must be >= 0, got {self.type_vocab_size!r}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.mlp_activation in ("swiglu", "geglu")
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -168,7 +183,7 @@ class ModelConfig:
             attn += (n + 2 * k) * h
         if self.out_bias:
             attn += d
-        mlp = (3 if self.mlp_activation == "swiglu" else 2) * d * f
+        mlp = (3 if self.gated_mlp else 2) * d * f
         if self.out_bias:
             mlp += f + d
         norm_size = d * (2 if self.norm == "layernorm" else 1)

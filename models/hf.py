@@ -4,7 +4,8 @@ One table per architecture (`_specs`) says which Hugging Face tensor becomes whi
 parameters and how (transpose, split heads, split a fused projection). The same table runs
 forwards to load and backwards to export, so the two cannot disagree.
 
-Architectures: llama (Llama 2/3, SmolLM2), qwen2, gpt2, bloom (ALiBi) and bert. Loading is strict: a missing tensor, a tensor of the wrong shape, or a tensor
+Architectures: llama (Llama 2/3, SmolLM2), qwen2, gpt2, bloom (ALiBi), bert, and t5 (v1.0,
+v1.1 and Flan-T5; loading only). Loading is strict: a missing tensor, a tensor of the wrong shape, or a tensor
 that no parameter takes is an error naming it, never silently a random or dropped weight.
 """
 
@@ -15,7 +16,7 @@ import json
 import os
 import pathlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import jax
@@ -28,7 +29,7 @@ from models.config import ModelConfig
 from models.decoder import Decoder
 from models.encoder import Encoder
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gpt2", "bloom", "bert")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gpt2", "bloom", "bert", "t5")
 DECODER_ARCHITECTURES = ("llama", "qwen2", "gpt2", "bloom")
 
 
@@ -53,11 +54,15 @@ def _reject(condition: bool, what: str) -> None:
         raise CheckpointError(f"unsupported checkpoint feature: {what}")
 
 
-def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> tuple[str, ModelConfig]:
+def config_from_hf(
+    hf: Mapping[str, Any], tensor_names: Collection[str] | None = None, **overrides: Any
+) -> tuple[str, ModelConfig]:
     """Maps a Hugging Face config.json dict to (model_type, ModelConfig).
 
     Args:
       hf: the parsed config.json.
+      tensor_names: the checkpoint's tensor names, where the config alone is ambiguous (T5:
+        whether the head is its own matrix).
       **overrides: ModelConfig fields to set on top (e.g. dtype, param_dtype, max_seq_len).
 
     Raises:
@@ -150,6 +155,37 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> tuple[str, ModelC
             tie_embeddings=True,
             embed_norm=True,
         )
+    elif model_type == "t5":
+        projection = _get(hf, "feed_forward_proj", "relu")
+        activations = {"relu": "relu", "gated-gelu": "geglu"}
+        _reject(projection not in activations, f"feed_forward_proj={projection}")
+        values = dict(
+            vocab_size=_get(hf, "vocab_size", required=True),
+            num_layers=_get(hf, "num_layers", required=True),
+            num_decoder_layers=_get(hf, "num_decoder_layers", _get(hf, "num_layers")),
+            embed_dim=_get(hf, "d_model", required=True),
+            num_heads=_get(hf, "num_heads", required=True),
+            head_dim=_get(hf, "d_kv", required=True),
+            mlp_dim=_get(hf, "d_ff", required=True),
+            # Relative positions have no table; this only bounds caches and inputs.
+            max_seq_len=_get(hf, "n_positions", 512),
+            norm="rmsnorm",
+            norm_eps=float(_get(hf, "layer_norm_epsilon", 1e-6)),
+            mlp_activation=activations[projection],
+            position="relative",
+            relative_buckets=_get(hf, "relative_attention_num_buckets", 32),
+            relative_max_distance=_get(hf, "relative_attention_max_distance", 128),
+            scale_attention=False,
+        )
+        # transformers < 5 wrote tie_word_embeddings=False for v1.1 (own head, no output
+        # scaling); transformers 5 writes scale_decoder_outputs and always ties, saving no
+        # lm_head. So: the head is tied exactly when the checkpoint has no lm_head.weight.
+        tied = bool(_get(hf, "tie_word_embeddings", True))
+        if tensor_names is not None:
+            tied = "lm_head.weight" not in tensor_names
+        scaled = _get(hf, "scale_decoder_outputs", _get(hf, "tie_word_embeddings", True))
+        values["tie_embeddings"] = tied
+        values["head_input_scale"] = values["embed_dim"] ** -0.5 if scaled else 1.0
     else:  # bert
         activation = _get(hf, "hidden_act", "gelu")
         activations = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
@@ -455,12 +491,63 @@ def _bert_specs(cfg: ModelConfig) -> list[Spec]:
     return specs
 
 
+def _t5_specs(cfg: ModelConfig) -> list[Spec]:
+    n, h, f = cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+
+    def attention(prefix: str, stack: str, module: str) -> list[Spec]:
+        return [
+            _into(f"{prefix}.q.weight", (stack, module, "q_proj"), (n, h)),
+            _into(f"{prefix}.k.weight", (stack, module, "k_proj"), (n, h)),
+            _into(f"{prefix}.v.weight", (stack, module, "v_proj"), (n, h)),
+            _out_of(f"{prefix}.o.weight", (stack, module, "o_proj"), (n, h)),
+        ]
+
+    def mlp(prefix: str, stack: str) -> list[Spec]:
+        if cfg.gated_mlp:
+            up = [
+                _into(f"{prefix}.wi_0.weight", (stack, "mlp", "gate_proj"), (f,)),
+                _into(f"{prefix}.wi_1.weight", (stack, "mlp", "up_proj"), (f,)),
+            ]
+        else:
+            up = [_into(f"{prefix}.wi.weight", (stack, "mlp", "up_proj"), (f,))]
+        return up + [_out_of(f"{prefix}.wo.weight", (stack, "mlp", "down_proj"), (f,))]
+
+    enc, dec = "encoder.block.{i}.layer.", "decoder.block.{i}.layer."
+    specs = [
+        _same("shared.weight", ("embed", "embedding")),
+        _same(enc + "0.layer_norm.weight", ("encoder", "attn_norm", "scale")),
+        *attention(enc + "0.SelfAttention", "encoder", "attn"),
+        _same(enc + "1.layer_norm.weight", ("encoder", "mlp_norm", "scale")),
+        *mlp(enc + "1.DenseReluDense", "encoder"),
+        _same(
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            ("encoder_rel_bias",),
+        ),
+        _same("encoder.final_layer_norm.weight", ("encoder_norm", "scale")),
+        _same(dec + "0.layer_norm.weight", ("decoder", "attn_norm", "scale")),
+        *attention(dec + "0.SelfAttention", "decoder", "attn"),
+        _same(dec + "1.layer_norm.weight", ("decoder", "cross_norm", "scale")),
+        *attention(dec + "1.EncDecAttention", "decoder", "cross_attn"),
+        _same(dec + "2.layer_norm.weight", ("decoder", "mlp_norm", "scale")),
+        *mlp(dec + "2.DenseReluDense", "decoder"),
+        _same(
+            "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            ("decoder_rel_bias",),
+        ),
+        _same("decoder.final_layer_norm.weight", ("decoder_norm", "scale")),
+    ]
+    if not cfg.tie_embeddings:
+        specs.append(_into("lm_head.weight", ("lm_head",), (cfg.vocab_size,)))
+    return specs
+
+
 _SPECS = {
     "llama": _llama_specs,
     "qwen2": _llama_specs,
     "gpt2": _gpt2_specs,
     "bloom": _bloom_specs,
     "bert": _bert_specs,
+    "t5": _t5_specs,
 }
 
 # Tensors a checkpoint may hold that no parameter takes: buffers, unused heads.
@@ -470,6 +557,7 @@ _IGNORED = {
     "gpt2": (r"h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"),
     "bloom": (r"lm_head\.weight",),
     "bert": (r"embeddings\.position_ids", r"pooler\..*", r"cls\..*"),
+    "t5": (r"(encoder|decoder)\.embed_tokens\.weight", r"lm_head\.weight"),
 }
 # Prefixes of task-model checkpoints (GPT2LMHeadModel, BertForMaskedLM) dropped on load.
 _PREFIXES = {"gpt2": "transformer.", "bloom": "transformer.", "bert": "bert."}
@@ -493,7 +581,9 @@ def _normalise_names(model_type: str, tensors: Mapping[str, np.ndarray]) -> dict
 
 
 def model_class(model_type: str) -> type[nnx.Module]:
-    return Encoder if model_type == "bert" else Decoder
+    from models.t5 import T5
+
+    return {"bert": Encoder, "t5": T5}.get(model_type, Decoder)
 
 
 def _get_path(tree: Mapping, path: tuple[str, ...]):
@@ -531,8 +621,9 @@ def from_hf_tensors(
     shapes = nnx.to_pure_dict(state)
     params: dict = {}
     used = set()
-    layers = range(cfg.num_layers)
     for spec in _SPECS[model_type](cfg):
+        # Per-layer tensors: as many as the stack has layers (T5's decoder may differ).
+        layers = range(_get_path(shapes, spec.paths[0]).shape[0] if spec.per_layer else 1)
         names = [spec.hf_name.format(i=i) for i in layers] if spec.per_layer else [spec.hf_name]
         ours_shape = [_get_path(shapes, p).shape[1 if spec.per_layer else 0 :] for p in spec.paths]
         expected = spec.to_hf(tuple(np.empty(s, np.float32) for s in ours_shape)).shape
@@ -596,7 +687,7 @@ def to_hf_tensors(model: nnx.Module, model_type: str | None = None) -> dict[str,
         elif any(o is None for o in ours):
             raise CheckpointError(f"{spec.hf_name}: some of {spec.paths} are missing")
         if spec.per_layer:
-            for i in range(cfg.num_layers):
+            for i in range(ours[0].shape[0]):
                 out[spec.hf_name.format(i=i)] = spec.to_hf(tuple(o[i] for o in ours))
         else:
             out[spec.hf_name] = spec.to_hf(tuple(ours))
@@ -681,8 +772,9 @@ def load_hf_dir(path: str | os.PathLike, **overrides: Any) -> tuple[str, nnx.Mod
       (model_type, model, the parsed config.json).
     """
     hf = read_config(path)
-    model_type, cfg = config_from_hf(hf, **overrides)
-    return model_type, from_hf_tensors(model_type, cfg, read_weights(path), str(path)), hf
+    tensors = read_weights(path)
+    model_type, cfg = config_from_hf(hf, tensors.keys(), **overrides)
+    return model_type, from_hf_tensors(model_type, cfg, tensors, str(path)), hf
 
 
 def save_hf_dir(

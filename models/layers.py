@@ -216,13 +216,19 @@ def make_attention_mask(
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, bias: jax.Array | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    bias: jax.Array | None = None,
+    scale: bool = True,
 ) -> jax.Array:
     """Plain XLA attention with grouped heads; softmax in float32.
 
     Args:
       q: [B, T, N, H]; k, v: [B, S, K, H] with N = K * G; mask: [B, 1, 1, T, S] bool.
-      bias: added to the scaled scores, broadcastable to [B, K, G, T, S] (ALiBi), or None.
+      bias: added to the scaled scores, broadcastable to [B, K, G, T, S] (ALiBi, T5), or None.
+      scale: divide the scores by sqrt(H) (T5 does not).
 
     Returns:
       [B, T, N, H].
@@ -231,7 +237,8 @@ def dot_product_attention(
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(h)
+    if scale:
+        scores = scores / math.sqrt(h)
     if bias is not None:
         scores = scores + bias
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
@@ -242,7 +249,11 @@ def dot_product_attention(
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with grouped KV heads (MHA / GQA / MQA), optional RoPE and cache."""
+    """Multi-head attention with grouped KV heads (MHA / GQA / MQA), optional RoPE and cache.
+
+    Self-attention by default; with `context` (cross-attention, T5's decoder) the keys and
+    values come from the encoder's output instead.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -262,33 +273,56 @@ class Attention(nnx.Module):
         if cfg.out_bias:
             self.o_bias = param(rngs, zeros, (d,), pd, ("embed",))
 
+    def _project_qkv(self, x: jax.Array, context: jax.Array | None):
+        cfg, dtype = self.cfg, self.cfg.compute_dtype
+        if context is None:
+            # One [D, N + 2K, H] matmul instead of three: fewer, larger dots (and gradients).
+            qkv_proj = jnp.concatenate(
+                [self.q_proj[...], self.k_proj[...], self.v_proj[...]], axis=1
+            )
+            qkv = project(x, qkv_proj.astype(dtype))  # [B, T, N + 2K, H]
+            q, k, v = jnp.split(qkv, [cfg.num_heads, cfg.num_heads + cfg.num_kv_heads], axis=2)
+        else:
+            q = project(x, self.q_proj[...].astype(dtype))
+            kv_proj = jnp.concatenate([self.k_proj[...], self.v_proj[...]], axis=1)
+            k, v = jnp.split(project(context, kv_proj.astype(dtype)), 2, axis=2)
+        if cfg.qkv_bias:
+            q = q + self.q_bias[...].astype(dtype)
+            k = k + self.k_bias[...].astype(dtype)
+            v = v + self.v_bias[...].astype(dtype)
+        return q, k, v
+
     def __call__(
         self,
         x: jax.Array,
         positions: jax.Array,
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
+        *,
+        bias: jax.Array | None = None,
+        context: jax.Array | None = None,
+        context_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Self-attention.
+        """Self- or cross-attention.
 
         Args:
           x: [B, T, D] input.
           positions: [B, T] positions of x (absolute; offset by the cache index when decoding).
           segment_ids: [B, T] packing / padding ids (0 = padding), or None.
           cache: this layer's KVCache; the new keys/values are written at `cache.index`.
+          bias: an additive score bias computed by the caller (T5's relative positions),
+            broadcastable to [B, K, G, T, S].
+          context: [B, S, D] encoder output to attend to (cross-attention; no cache, no RoPE).
+          context_mask: [B, 1, 1, T, S] bool mask for the context (required with context).
 
         Returns:
           ([B, T, D] output, updated cache or None).
         """
         cfg, dtype = self.cfg, self.cfg.compute_dtype
-        # One [D, N + 2K, H] matmul instead of three: fewer, larger dots (and their gradients).
-        qkv_proj = jnp.concatenate([self.q_proj[...], self.k_proj[...], self.v_proj[...]], axis=1)
-        qkv = project(x, qkv_proj.astype(dtype))  # [B, T, N + 2K, H]
-        q, k, v = jnp.split(qkv, [cfg.num_heads, cfg.num_heads + cfg.num_kv_heads], axis=2)
-        if cfg.qkv_bias:
-            q = q + self.q_bias[...].astype(dtype)
-            k = k + self.k_bias[...].astype(dtype)
-            v = v + self.v_bias[...].astype(dtype)
+        q, k, v = self._project_qkv(x, context)
+        if context is not None:
+            out = dot_product_attention(q, k, v, context_mask, bias, cfg.scale_attention)
+            return self._out(out), cache
         if cfg.position == "rope":
             q = apply_rope(q, positions, cfg.rope_theta)
             k = apply_rope(k, positions, cfg.rope_theta)
@@ -314,14 +348,17 @@ class Attention(nnx.Module):
             mask &= (slots < cache.index)[:, None, None, None, :]
             k, v = k_all.astype(dtype), v_all.astype(dtype)
 
-        bias = None
         if cfg.position == "alibi":
             bias = alibi_bias(cfg.num_heads, cfg.num_kv_heads, positions, key_positions)
-        out = dot_product_attention(q, k, v, mask, bias)
+        out = dot_product_attention(q, k, v, mask, bias, cfg.scale_attention)
+        return self._out(out), cache
+
+    def _out(self, out: jax.Array) -> jax.Array:
+        dtype = self.cfg.compute_dtype
         out = project(out, self.o_proj[...].astype(dtype), num_contract=2)  # [B, T, D]
-        if cfg.out_bias:
+        if self.cfg.out_bias:
             out = out + self.o_bias[...].astype(dtype)
-        return out, cache
+        return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,7 +374,7 @@ class MLP(nnx.Module):
         init = normal(cfg.init_std)
         out_init = normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
         zeros = jax.nn.initializers.zeros
-        if cfg.mlp_activation == "swiglu":
+        if cfg.gated_mlp:
             self.gate_proj = param(rngs, init, (d, f), pd, ("embed", "mlp"))
         self.up_proj = param(rngs, init, (d, f), pd, ("embed", "mlp"))
         self.down_proj = param(rngs, out_init, (f, d), pd, ("mlp", "embed"))
@@ -351,11 +388,15 @@ class MLP(nnx.Module):
         up = project(x, self.up_proj[...].astype(dtype))
         if cfg.out_bias:
             up = up + self.up_bias[...].astype(dtype)
-        if cfg.mlp_activation == "swiglu":
+        activation = cfg.mlp_activation
+        if cfg.gated_mlp:
             gate = project(x, self.gate_proj[...].astype(dtype))
-            hidden = jax.nn.silu(gate) * up
+            gate = jax.nn.silu(gate) if activation == "swiglu" else jax.nn.gelu(gate, True)
+            hidden = gate * up
+        elif activation == "relu":
+            hidden = jax.nn.relu(up)
         else:
-            hidden = jax.nn.gelu(up, approximate=cfg.mlp_activation == "gelu")
+            hidden = jax.nn.gelu(up, approximate=activation == "gelu")
         hidden = constrain(hidden, ("batch", "seq", "mlp"))
         out = project(hidden, self.down_proj[...].astype(dtype))
         if cfg.out_bias:
@@ -380,12 +421,17 @@ class Block(nnx.Module):
 
     Pre-norm (GPT-2, Llama): x + attn(norm(x)), then x + mlp(norm(x)).
     Post-norm (BERT): norm(x + attn(x)), then norm(x + mlp(x)).
+    With `cross_attention` (T5's decoder) a cross-attention sub-block over the encoder output
+    sits between the two.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, cross_attention: bool = False):
         self.cfg = cfg
         self.attn_norm = make_norm(cfg, rngs)
         self.attn = Attention(cfg, rngs=rngs)
+        if cross_attention:
+            self.cross_norm = make_norm(cfg, rngs)
+            self.cross_attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = make_norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
@@ -396,17 +442,36 @@ class Block(nnx.Module):
         segment_ids: jax.Array | None,
         cache: KVCache | None,
         dropout_key: jax.Array | None,
+        *,
+        bias: jax.Array | None = None,
+        context: jax.Array | None = None,
+        context_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         rate = self.cfg.dropout_rate
-        keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
-        if self.cfg.norm_placement == "post":
-            h, cache = self.attn(x, positions, segment_ids, cache)
-            x = self.attn_norm(x + dropout(h, rate, keys[0]))
-            x = self.mlp_norm(x + dropout(self.mlp(x), rate, keys[1]))
-        else:
-            h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
-            x = x + dropout(h, rate, keys[0])
-            x = x + dropout(self.mlp(self.mlp_norm(x)), rate, keys[1])
+        num_keys = 2 if context is None else 3
+        keys = (
+            (None,) * 3 if dropout_key is None else (*jax.random.split(dropout_key, num_keys), None)
+        )
+        post = self.cfg.norm_placement == "post"
+
+        def sublayer(x, norm, fn, key):
+            if post:
+                return norm(x + dropout(fn(x), rate, key))
+            return x + dropout(fn(norm(x)), rate, key)
+
+        def self_attention(h):
+            nonlocal cache
+            out, cache = self.attn(h, positions, segment_ids, cache, bias=bias)
+            return out
+
+        x = sublayer(x, self.attn_norm, self_attention, keys[0])
+        if context is not None:
+
+            def cross_attention(h):
+                return self.cross_attn(h, positions, context=context, context_mask=context_mask)[0]
+
+            x = sublayer(x, self.cross_norm, cross_attention, keys[2])
+        x = sublayer(x, self.mlp_norm, self.mlp, keys[1])
         return constrain(x, ("batch", "seq", "embed")), cache
 
 
@@ -420,17 +485,21 @@ _REMAT_POLICIES = {
 }
 
 
-def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-    """cfg.num_layers blocks as one Block whose every parameter has a leading [L] axis."""
+def stacked_blocks(
+    cfg: ModelConfig, rngs: nnx.Rngs, num_layers: int | None = None, cross_attention: bool = False
+) -> Block:
+    """num_layers (default cfg.num_layers) blocks as one Block whose parameters have a leading
+    [L] axis."""
+    num_layers = num_layers or cfg.num_layers
 
-    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.split_rngs(splits=num_layers)
     @nnx.vmap(
         in_axes=(0,),
         out_axes=0,
         transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
     )
     def make(rngs: nnx.Rngs) -> Block:
-        return Block(cfg, rngs=rngs)
+        return Block(cfg, rngs=rngs, cross_attention=cross_attention)
 
     return make(rngs)
 
@@ -442,11 +511,13 @@ def scan_blocks(
     segment_ids: jax.Array | None,
     cache: KVCache | None,
     dropout_keys: jax.Array | None,
+    **shared,
 ) -> tuple[jax.Array, KVCache | None]:
     """Runs stacked blocks over x with `jax.lax.scan`, rematerialised by cfg.remat_policy.
 
     Compile time does not grow with depth; `cfg.scan_unroll` layers run per loop iteration.
-    `cache` and `dropout_keys` (one key per layer) are scanned along with the parameters.
+    `cache` and `dropout_keys` (one key per layer) are scanned along with the parameters;
+    `shared` keyword arguments (bias, context, context_mask) reach every layer unchanged.
     """
     cfg = blocks.cfg
     graphdef, block_state = nnx.split(blocks)
@@ -454,8 +525,9 @@ def scan_blocks(
     def layer(x, per_layer):
         state, layer_cache, key = per_layer
         block = nnx.merge(graphdef, state)
-        return block(x, positions, segment_ids, layer_cache, key)
+        return block(x, positions, segment_ids, layer_cache, key, **shared)
 
     if cfg.remat_policy != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat_policy])
-    return jax.lax.scan(layer, x, (block_state, cache, dropout_keys), unroll=cfg.scan_unroll)
+    unroll = min(cfg.scan_unroll, jax.tree.leaves(block_state)[0].shape[0])
+    return jax.lax.scan(layer, x, (block_state, cache, dropout_keys), unroll=unroll)

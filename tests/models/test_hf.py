@@ -229,3 +229,32 @@ def test_transformers_loads_our_export_to_the_same_logits(tmp_path, kw):
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", ["t5", "t5_tied"])
+def test_t5_matches_transformers_and_caches(name):
+    from models.t5 import T5
+
+    model_type, model, _ = hf.load_hf_dir(GOLDEN / name)
+    reference = np.load(GOLDEN / name / "reference.npz")
+    assert model_type == "t5" and isinstance(model, T5)
+    ids, mask = jnp.asarray(reference["input_ids"]), jnp.asarray(reference["attention_mask"])
+    decoder_ids = jnp.asarray(reference["decoder_input_ids"])
+    assert not reference["attention_mask"].all()  # encoder padding is exercised
+    encoded = model.encode(ids, mask)
+    assert (
+        max_relative_error(
+            encoded, reference["encoder_last_hidden_state"], reference["attention_mask"]
+        )
+        <= 1e-4
+    )
+    logits = model(ids, decoder_ids, mask)
+    assert max_relative_error(logits, reference["logits"]) <= 1e-4
+
+    # Decoding one token at a time with the self-attention cache equals the full decoder.
+    cache = model.init_cache(2, 8)
+    steps = []
+    for t in range(decoder_ids.shape[1]):
+        step, cache = model.decode(decoder_ids[:, t : t + 1], encoded, mask, cache=cache)
+        steps.append(step)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), logits, rtol=1e-5, atol=1e-5)
