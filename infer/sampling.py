@@ -116,3 +116,31 @@ def sample(
         history.append(int(next_token[0]))
         out.append(history[-1])
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "length"))
+def _fill_spans(graphdef, state, inputs, start_id, length):
+    model = nnx.merge(graphdef, state)
+    encoded = model.encode(inputs)
+    batch = inputs.shape[0]
+    cache = model.init_cache(batch, length)
+    token = jnp.full((batch, 1), start_id, jnp.int32)
+
+    def step(carry, _):
+        token, cache = carry
+        logits, cache = model.decode(token, encoded, cache=cache)
+        token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+        return (token, cache), token[:, 0]
+
+    _, tokens = jax.lax.scan(step, (token, cache), None, length=length)
+    return tokens.T
+
+
+def fill_spans(model: nnx.Module, inputs, start_id: int, length: int) -> np.ndarray:
+    """Greedy T5 decoding of `length` target tokens for corrupted inputs [B, S] -> [B, length].
+
+    The encoder runs once; the decoder runs one cached step per token inside one jitted scan.
+    """
+    graphdef, state = nnx.split(model)
+    tokens = _fill_spans(graphdef, state, jnp.asarray(inputs, jnp.int32), start_id, length)
+    return np.asarray(tokens)[0] if np.ndim(inputs) == 1 else np.asarray(tokens)

@@ -4,7 +4,25 @@ from models.config import PRESETS, ModelConfig, preset
 from models.decoder import Decoder
 from models.encoder import Encoder
 
-__all__ = ["PRESETS", "Decoder", "Encoder", "ModelConfig", "load_pretrained", "preset"]
+__all__ = [
+    "PRESETS",
+    "Decoder",
+    "Encoder",
+    "ModelConfig",
+    "build_model",
+    "load_pretrained",
+    "preset",
+]
+
+
+def build_model(cfg: ModelConfig, rngs):
+    """The model class `cfg.architecture` names, built with `cfg` (Decoder, Encoder or T5)."""
+    from flax import nnx
+
+    from models.t5 import T5
+
+    cls = {"decoder": Decoder, "encoder": Encoder, "encoder_decoder": T5}[cfg.architecture]
+    return cls(cfg, rngs=rngs if isinstance(rngs, nnx.Rngs) else nnx.Rngs(rngs))
 
 
 def __getattr__(name: str):

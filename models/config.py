@@ -21,6 +21,9 @@ class ModelConfig:
     """Shape and numerics of a transformer: decoders (GPT-2, Llama families) and BERT encoders.
 
     Attributes:
+      architecture: "decoder" (GPT-2, Llama, BLOOM: models.Decoder), "encoder" (BERT:
+        models.Encoder) or "encoder_decoder" (T5: models.t5.T5); `models.build_model` picks
+        the class.
       vocab_size: number of token ids (V).
       num_layers: number of transformer blocks (L), scanned.
       embed_dim: residual width (D).
@@ -95,6 +98,7 @@ class ModelConfig:
     scan_unroll: int = 1
     attention_impl: str = "xla"
     init_std: float = 0.02
+    architecture: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
 
     def __post_init__(self):
         # Fill derived defaults on a frozen dataclass.
@@ -125,6 +129,7 @@ class ModelConfig:
             "norm": ("layernorm", "rmsnorm"),
             "mlp_activation": ("gelu", "gelu_exact", "relu", "swiglu", "geglu"),
             "norm_placement": ("pre", "post"),
+            "architecture": ("decoder", "encoder", "encoder_decoder"),
             "position": ("learned", "rope", "alibi", "relative"),
             "remat_policy": REMAT_POLICIES,
             "attention_impl": ATTENTION_IMPLS,

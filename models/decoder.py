@@ -33,6 +33,8 @@ class Decoder(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.architecture != "decoder":
+            raise ValueError(f"Decoder needs architecture='decoder', got {cfg.architecture!r}")
         if not cfg.causal or cfg.norm_placement != "pre":
             raise ValueError(
                 "Decoder needs causal=True and norm_placement='pre', got "

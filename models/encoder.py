@@ -21,6 +21,8 @@ class Encoder(nnx.Module):
     """BERT-style encoder: tokens [B, T] (+ attention mask, token types) -> hidden [B, T, D]."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.architecture != "encoder":
+            raise ValueError(f"Encoder needs architecture='encoder', got {cfg.architecture!r}")
         if cfg.causal or cfg.position != "learned":
             raise ValueError(
                 "Encoder needs causal=False and position='learned', got "

@@ -176,6 +176,7 @@ def config_from_hf(
             relative_buckets=_get(hf, "relative_attention_num_buckets", 32),
             relative_max_distance=_get(hf, "relative_attention_max_distance", 128),
             scale_attention=False,
+            architecture="encoder_decoder",
         )
         # transformers < 5 wrote tie_word_embeddings=False for v1.1 (own head, no output
         # scaling); transformers 5 writes scale_decoder_outputs and always ties, saving no
@@ -210,6 +211,7 @@ def config_from_hf(
             causal=False,
             type_vocab_size=_get(hf, "type_vocab_size", 2),
             embed_norm=True,
+            architecture="encoder",
         )
     values.update(overrides)
     try:

@@ -67,6 +67,8 @@ class T5(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.architecture != "encoder_decoder":
+            raise ValueError(f"T5 needs architecture='encoder_decoder', got {cfg.architecture!r}")
         if cfg.position != "relative" or not cfg.causal or cfg.norm_placement != "pre":
             raise ValueError(
                 "T5 needs position='relative', causal=True (the decoder; the encoder is "

@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.seed = 0
     config.data.eval_batches = 0  # validation batches per evaluation; 0 = the whole split
     config.data.eval_batch_size = 0  # 0 = data.batch_size; larger is faster (forward only)
+    config.data.objective = "causal_lm"  # or span_corruption (T5; needs an encoder-decoder)
+    config.data.noise_density = 0.15  # span corruption: fraction of tokens corrupted
+    config.data.mean_span_length = 3.0  # span corruption: mean corrupted span length
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 1e-3

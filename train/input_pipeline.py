@@ -18,6 +18,9 @@ import numpy as np
 
 from train import corpus as corpus_lib
 from train import tokenizers as tokenizers_lib
+from train.objectives import SpanCorruption
+
+OBJECTIVES = ("causal_lm", "span_corruption")
 
 # One background thread assembles the next few batches while the device runs a step:
 # a 64x256 batch costs ~2 ms of Python in grain, which a single thread hides; more threads
@@ -87,6 +90,7 @@ def make_train_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    span_corruption: SpanCorruption | None = None,
 ) -> grain.IterDataset:
     """An infinite dataset of training batches, reshuffled every epoch.
 
@@ -101,9 +105,12 @@ def make_train_dataset(
       seed: shuffle seed; the same seed gives the same batches.
       process_index: this process's index (jax.process_index()).
       process_count: number of processes (jax.process_count()).
+      span_corruption: turn each row (then [num_seqs, window]) into a T5 example with a fresh
+        random span layout per row and epoch, instead of next-token inputs and targets.
 
     Returns:
-      An IterDataset of {"inputs", "targets"}: int32 [batch_size // process_count, seq_len].
+      An IterDataset of {"inputs", "targets"}: int32 [batch_size // process_count, seq_len]
+      (with span corruption: {"inputs", "decoder_inputs", "targets"}).
     """
     local_batch = _per_process_batch(batch_size, process_index, process_count)
     if packed.ndim != 2 or packed.shape[1] < 2:
@@ -113,10 +120,12 @@ def make_train_dataset(
         raise ValueError(
             f"process {process_index} of {process_count} gets none of the {len(packed)} sequences"
         )
+    rows = rows.shuffle(seed=seed).repeat(None)  # Infinite; reshuffled every epoch.
+    if span_corruption is not None:
+        rows = rows.random_map(lambda row, rng: span_corruption.corrupt(row, rng), seed=seed)
+        return rows.batch(local_batch, drop_remainder=True).to_iter_dataset(_READ_OPTIONS)
     return (
-        rows.shuffle(seed=seed)
-        .repeat(None)  # Infinite; grain reseeds the shuffle for every epoch.
-        .batch(local_batch, drop_remainder=True)
+        rows.batch(local_batch, drop_remainder=True)
         .map(_to_example)  # Once per batch rather than per row: ~20% less grain overhead.
         .to_iter_dataset(_READ_OPTIONS)
     )
@@ -128,6 +137,7 @@ def make_eval_batches(
     max_batches: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    span_corruption: SpanCorruption | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Validation batches in order, unshuffled; the last partial batch is dropped.
 
@@ -140,11 +150,26 @@ def make_eval_batches(
       max_batches: at most this many batches; None or 0 for all of them.
       process_index: this process's index.
       process_count: number of processes.
+      span_corruption: as in make_train_dataset; row i always gets the same layout.
 
     Returns:
       A list of {"inputs", "targets"}: int32 [batch_size // process_count, seq_len].
     """
     local_batch = _per_process_batch(batch_size, process_index, process_count)
+    if span_corruption is not None:
+        rows = packed[process_index::process_count]
+        examples = [
+            span_corruption.corrupt(row, np.random.default_rng([process_index, i]))
+            for i, row in enumerate(rows)
+        ]
+        packed = np.arange(len(examples))  # batch indices; examples are gathered below
+
+        def to_example(indices: np.ndarray) -> dict[str, np.ndarray]:
+            return {k: np.stack([examples[i][k] for i in indices]) for k in examples[0]}
+
+        process_index, process_count = 0, 1
+    else:
+        to_example = _to_example
     num_batches = (len(packed) // process_count) // local_batch
     if num_batches == 0:
         raise ValueError(
@@ -154,7 +179,7 @@ def make_eval_batches(
     if max_batches:
         num_batches = min(num_batches, max_batches)
     rows = packed[process_index::process_count][: num_batches * local_batch]
-    return [_to_example(rows[i * local_batch : (i + 1) * local_batch]) for i in range(num_batches)]
+    return [to_example(rows[i * local_batch : (i + 1) * local_batch]) for i in range(num_batches)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +191,8 @@ class DataBundle:
       train_ds: infinite training batches (see make_train_dataset).
       eval_batches: validation batches (see make_eval_batches).
       num_train_tokens: tokens in the training documents, eos included, before packing.
+      vocab_size: ids the model needs (the tokenizer's, plus span corruption's sentinels).
+      span_corruption: the objective's settings when data.objective is "span_corruption".
       num_val_tokens: the same for the validation documents.
     """
 
@@ -174,6 +201,8 @@ class DataBundle:
     eval_batches: list[dict[str, np.ndarray]]
     num_train_tokens: int
     num_val_tokens: int
+    vocab_size: int = 0
+    span_corruption: SpanCorruption | None = None
 
 
 def _encode(tokenizer: tokenizers_lib.Tokenizer, text: str) -> np.ndarray:
@@ -245,12 +274,26 @@ def build_datasets(
     train_ids = [_encode(tokenizer, d.text) for d in corpus.train]
     val_ids = [_encode(tokenizer, d.text) for d in corpus.val]
     extra = 0 if tokenizer.eos_id is None else 1  # The eos after each document.
-    train_packed = pack_documents(train_ids, config.seq_len, tokenizer.eos_id)
-    val_packed = pack_documents(val_ids, config.seq_len, tokenizer.eos_id)
+    objective = config.get("objective") or "causal_lm"
+    if objective not in OBJECTIVES:
+        raise ValueError(f"data.objective={objective!r} is not one of {OBJECTIVES}")
+    span = None
+    window = config.seq_len
+    if objective == "span_corruption":
+        # Windows of seq_len raw tokens (pack_documents adds one for next-token targets).
+        window -= 1
+        span = SpanCorruption(
+            window=config.seq_len,
+            sentinel_start=tokenizer.vocab_size,
+            noise_density=config.get("noise_density", 0.15),
+            mean_span_length=config.get("mean_span_length", 3.0),
+        )
+    train_packed = pack_documents(train_ids, window, tokenizer.eos_id)
+    val_packed = pack_documents(val_ids, window, tokenizer.eos_id)
     return DataBundle(
         tokenizer=tokenizer,
         train_ds=make_train_dataset(
-            train_packed, config.batch_size, config.seed, process_index, process_count
+            train_packed, config.batch_size, config.seed, process_index, process_count, span
         ),
         eval_batches=make_eval_batches(
             val_packed,
@@ -258,7 +301,10 @@ def build_datasets(
             config.eval_batches,
             process_index,
             process_count,
+            span,
         ),
         num_train_tokens=sum(len(ids) + extra for ids in train_ids),
         num_val_tokens=sum(len(ids) + extra for ids in val_ids),
+        vocab_size=span.vocab_size if span else tokenizer.vocab_size,
+        span_corruption=span,
     )

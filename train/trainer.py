@@ -23,7 +23,8 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from infer.sampling import sample
+from infer.sampling import fill_spans, sample
+from models import build_model
 from models.config import ModelConfig
 from models.decoder import Decoder
 from train.checkpoint import Checkpointer
@@ -109,7 +110,7 @@ def cross_entropy(
 def init_train_state(
     model_cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int
 ) -> tuple[nnx.GraphDef, dict]:
-    model = Decoder(model_cfg, rngs=nnx.Rngs(params=seed))
+    model = build_model(model_cfg, nnx.Rngs(params=seed))
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
     state = {
@@ -120,17 +121,29 @@ def init_train_state(
     return graphdef, state
 
 
-def make_train_step(graphdef, optimizer, z_loss: float, grad_accum_steps: int, dropout: bool):
-    """A jitted step: (state, batch, key) -> (state, metrics). Skips the update on NaN/inf."""
+def forward(model: nnx.Module, batch: dict, dropout_key: jax.Array | None = None) -> jax.Array:
+    """Logits for the batch's targets: a decoder reads "inputs"; an encoder-decoder (span
+    corruption) encodes "inputs" and teacher-forces "decoder_inputs"."""
+    if "decoder_inputs" in batch:
+        return model(batch["inputs"], batch["decoder_inputs"], batch.get("input_mask"), dropout_key)
+    return model(
+        batch["inputs"],
+        positions=batch.get("positions"),
+        segment_ids=batch.get("segment_ids"),
+        dropout_key=dropout_key,
+    )
+
+
+def make_train_step(
+    graphdef, optimizer, z_loss: float, grad_accum_steps: int, dropout: bool, jit: bool = True
+):
+    """A jitted step: (state, batch, key) -> (state, metrics). Skips the update on NaN/inf.
+
+    `jit=False` returns the plain function, for `parallel.train` to jit with shardings.
+    """
 
     def loss_fn(params, batch, key):
-        model = nnx.merge(graphdef, params)
-        logits = model(
-            batch["inputs"],
-            positions=batch.get("positions"),
-            segment_ids=batch.get("segment_ids"),
-            dropout_key=key if dropout else None,
-        )
+        logits = forward(nnx.merge(graphdef, params), batch, key if dropout else None)
         total, ce, count = cross_entropy(logits, batch["targets"], batch.get("weights"), z_loss)
         return total, (ce, count)
 
@@ -177,16 +190,13 @@ def make_train_step(graphdef, optimizer, z_loss: float, grad_accum_steps: int, d
         metrics = {"loss": loss, "cross_entropy": ce, "grad_norm": grad_norm, "finite": finite}
         return new_state, metrics
 
-    return jax.jit(step_fn, donate_argnums=(0,))
+    return jax.jit(step_fn, donate_argnums=(0,)) if jit else step_fn
 
 
 def make_eval_step(graphdef):
     @jax.jit
     def eval_step(params, batch):
-        model = nnx.merge(graphdef, params)
-        logits = model(
-            batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
-        )
+        logits = forward(nnx.merge(graphdef, params), batch)
         _, ce, count = cross_entropy(logits, batch["targets"], batch.get("weights"), 0.0)
         return ce * count, count
 
@@ -216,6 +226,8 @@ def peak_flops(config_value: float) -> float | None:
 def sample_text(graphdef, params, data: DataBundle, config, seed: int = 0) -> str:
     tcfg = config.train
     model = nnx.merge(graphdef, params)
+    if data.span_corruption is not None:
+        return fill_spans_text(model, data)
     prompt = data.tokenizer.encode(tcfg.sample_prompt) or [0]
     tokens = sample(
         model,
@@ -226,6 +238,33 @@ def sample_text(graphdef, params, data: DataBundle, config, seed: int = 0) -> st
         seed=seed,
     )
     return tcfg.sample_prompt + data.tokenizer.decode(tokens)
+
+
+def fill_spans_text(model, data: DataBundle) -> str:
+    """A held-out window with its blanks, and the model's greedy fill of them (span corruption)."""
+    span = data.span_corruption
+    batch = data.eval_batches[0]
+    inputs = batch["inputs"][:1]
+    filled = fill_spans(model, inputs, span.decoder_start_id, span.target_length)[0]
+    tokenizer = data.tokenizer
+
+    def show(ids) -> str:
+        parts, plain = [], []
+        for token in ids:
+            if span.is_sentinel(int(token)):
+                parts.append(tokenizer.decode(plain) + f"<S{int(token) - span.sentinel_start}>")
+                plain = []
+            elif int(token) < tokenizer.vocab_size:
+                plain.append(int(token))
+        return "".join(parts) + tokenizer.decode(plain)
+
+    truth = span.reconstruct(inputs[0], batch["targets"][0])
+    guess = span.reconstruct(inputs[0], filled)
+    return (
+        f"input:  {show(inputs[0])}\ntarget: {show(batch['targets'][0])}\n"
+        f"model:  {show(filled)}\nfilled: {tokenizer.decode(guess)}\n"
+        f"truth:  {tokenizer.decode(truth)}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,7 +288,7 @@ def train_and_evaluate(
 
     optimizer, schedule = make_optimizer(config.optimizer, tcfg.num_steps)  # fail before data
     data = build_datasets(config.data, workdir, jax.process_index(), jax.process_count())
-    model_cfg = model_config_from(config, data.tokenizer.vocab_size)
+    model_cfg = model_config_from(config, data.vocab_size or data.tokenizer.vocab_size)
     graphdef, state = init_train_state(model_cfg, optimizer, tcfg.seed)
     (workdir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2))
 
