@@ -45,6 +45,7 @@ class ModelConfig:
       head_input_scale: multiplies the final hidden state before the LM head (T5 v1.0 and
         transformers' T5 saves: embed_dim ** -0.5; everything else 1).
       rope_theta: RoPE base frequency.
+      rope_dim: how many leading dims of each head RoPE rotates (GLM-4 rotates half); None: all.
       qkv_bias: bias on the q/k/v projections (GPT-2, Qwen 2).
       out_bias: bias on the attention output projection and the MLP (GPT-2).
       tie_embeddings: the LM head reuses the token embedding matrix.
@@ -79,6 +80,7 @@ class ModelConfig:
     mlp_activation: Literal["gelu", "gelu_exact", "relu", "swiglu", "geglu"] = "swiglu"
     position: Literal["learned", "rope", "alibi", "relative"] = "rope"
     rope_theta: float = 10000.0
+    rope_dim: int | None = None
     relative_buckets: int = 32
     relative_max_distance: int = 128
     scale_attention: bool = True
@@ -125,6 +127,12 @@ class ModelConfig:
             )
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got head_dim={self.head_dim}")
+        if self.rope_dim is not None and (
+            self.rope_dim % 2 or not 0 < self.rope_dim <= self.head_dim
+        ):
+            raise ValueError(
+                f"rope_dim={self.rope_dim} must be even and in (0, head_dim={self.head_dim}]"
+            )
         choices = {
             "norm": ("layernorm", "rmsnorm"),
             "mlp_activation": ("gelu", "gelu_exact", "relu", "swiglu", "geglu"),

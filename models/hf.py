@@ -4,8 +4,8 @@ One table per architecture (`_specs`) says which Hugging Face tensor becomes whi
 parameters and how (transpose, split heads, split a fused projection). The same table runs
 forwards to load and backwards to export, so the two cannot disagree.
 
-Architectures: llama (Llama 2/3, SmolLM2), qwen2, gpt2, bloom (ALiBi), bert, and t5 (v1.0,
-v1.1 and Flan-T5; loading only). Loading is strict: a missing tensor, a tensor of the wrong shape, or a tensor
+Architectures: llama (Llama 2/3, SmolLM2), qwen2, gpt2, bloom (ALiBi), bert, and, for loading
+only, glm (GLM-4: partial interleaved RoPE, fused gate/up) and t5 (v1.0, v1.1, Flan-T5). Loading is strict: a missing tensor, a tensor of the wrong shape, or a tensor
 that no parameter takes is an error naming it, never silently a random or dropped weight.
 """
 
@@ -29,7 +29,7 @@ from models.config import ModelConfig
 from models.decoder import Decoder
 from models.encoder import Encoder
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gpt2", "bloom", "bert", "t5")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "glm", "gpt2", "bloom", "bert", "t5")
 DECODER_ARCHITECTURES = ("llama", "qwen2", "gpt2", "bloom")
 
 
@@ -75,7 +75,7 @@ def config_from_hf(
             f"unsupported architecture model_type={model_type!r}; supported: "
             f"{list(SUPPORTED_ARCHITECTURES)}"
         )
-    if model_type in ("llama", "qwen2"):
+    if model_type in ("llama", "qwen2", "glm"):
         heads = _get(hf, "num_attention_heads", required=True)
         hidden = _get(hf, "hidden_size", required=True)
         # transformers >= 5 writes rope_parameters (theta and scaling); older ones rope_theta
@@ -90,7 +90,7 @@ def config_from_hf(
         _reject(bool(_get(hf, "mlp_bias", False)), "mlp_bias=True")
         if model_type == "llama":
             _reject(bool(_get(hf, "attention_bias", False)), "attention_bias=True")
-        else:
+        elif model_type == "qwen2":
             _reject(bool(_get(hf, "use_sliding_window", False)), "use_sliding_window=True")
         values = dict(
             vocab_size=_get(hf, "vocab_size", required=True),
@@ -109,6 +109,11 @@ def config_from_hf(
             qkv_bias=model_type == "qwen2",
             tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
         )
+        if model_type == "glm":
+            head_dim = values["head_dim"] = _get(hf, "head_dim", 128)
+            factor = rope.get("partial_rotary_factor", _get(hf, "partial_rotary_factor", 0.5))
+            values["rope_dim"] = int(head_dim * factor)
+            values["qkv_bias"] = bool(_get(hf, "attention_bias", True))
     elif model_type == "gpt2":
         embed = _get(hf, "n_embd", required=True)
         activation = _get(hf, "activation_function", "gelu_new")
@@ -543,9 +548,57 @@ def _t5_specs(cfg: ModelConfig) -> list[Spec]:
     return specs
 
 
+def _glm_specs(cfg: ModelConfig) -> list[Spec]:
+    """GLM-4: Llama's table with a fused gate/up projection and interleaved partial RoPE.
+
+    GLM rotates pairs (2i, 2i + 1) of the first rope_dim dims of each head; reordering those
+    dims of q and k (the same way for both, so q.k is unchanged) into (i, i + rope_dim / 2)
+    gives the rotate-half layout `apply_rope` uses.
+    """
+    n, k, h, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    r = cfg.rope_dim or h
+    order = np.concatenate([np.arange(0, r, 2), np.arange(1, r, 2), np.arange(r, h)])
+    inverse = np.argsort(order)
+
+    def rope_rows(name: str, path: tuple[str, ...], heads: int, bias: bool) -> Spec:
+        def to_ours(w):
+            w = w.reshape(heads, h, *w.shape[1:])[:, order]
+            return (w.reshape(heads, h) if bias else w.reshape(heads, h, -1).transpose(2, 0, 1),)
+
+        def to_hf(xs):
+            x = xs[0] if bias else xs[0].transpose(1, 2, 0)  # [heads, H(, D)]
+            return x[:, inverse].reshape(heads * h, *x.shape[2:])
+
+        return Spec(name, (path,), to_ours, to_hf)
+
+    layer = "model.layers.{i}."
+    attn = layer + "self_attn."
+    specs = [s for s in _llama_specs(cfg) if "_proj" not in s.hf_name or "o_proj" in s.hf_name]
+    specs += [
+        rope_rows(attn + "q_proj.weight", ("blocks", "attn", "q_proj"), n, False),
+        rope_rows(attn + "k_proj.weight", ("blocks", "attn", "k_proj"), k, False),
+        _into(attn + "v_proj.weight", ("blocks", "attn", "v_proj"), (k, h)),
+        Spec(
+            layer + "mlp.gate_up_proj.weight",
+            (("blocks", "mlp", "gate_proj"), ("blocks", "mlp", "up_proj")),
+            lambda w: (w[:f].T, w[f:].T),
+            lambda xs: np.concatenate([xs[0].T, xs[1].T], axis=0),
+        ),
+        _out_of(layer + "mlp.down_proj.weight", ("blocks", "mlp", "down_proj"), (f,)),
+    ]
+    if cfg.qkv_bias:
+        specs += [
+            rope_rows(attn + "q_proj.bias", ("blocks", "attn", "q_bias"), n, True),
+            rope_rows(attn + "k_proj.bias", ("blocks", "attn", "k_bias"), k, True),
+            _reshaped(attn + "v_proj.bias", ("blocks", "attn", "v_bias"), (k, h)),
+        ]
+    return specs
+
+
 _SPECS = {
     "llama": _llama_specs,
     "qwen2": _llama_specs,
+    "glm": _glm_specs,
     "gpt2": _gpt2_specs,
     "bloom": _bloom_specs,
     "bert": _bert_specs,
@@ -556,6 +609,7 @@ _SPECS = {
 _IGNORED = {
     "llama": (r".*rotary_emb\.inv_freq", r"lm_head\.weight"),
     "qwen2": (r".*rotary_emb\.inv_freq", r"lm_head\.weight"),
+    "glm": (r".*rotary_emb\.inv_freq", r"lm_head\.weight"),
     "gpt2": (r"h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"),
     "bloom": (r"lm_head\.weight",),
     "bert": (r"embeddings\.position_ids", r"pooler\..*", r"cls\..*"),

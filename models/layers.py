@@ -108,17 +108,23 @@ def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
     return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotates pairs (x_i, x_{i + H/2}) by position * freq_i: the Llama / Hugging Face layout.
+def apply_rope(
+    x: jax.Array, positions: jax.Array, theta: float, rope_dim: int | None = None
+) -> jax.Array:
+    """Rotates pairs (x_i, x_{i + R/2}) by position * freq_i: the Llama / Hugging Face layout.
 
     Args:
       x: [B, T, N, H] queries or keys.
       positions: [B, T] integer positions.
       theta: RoPE base.
+      rope_dim: rotate only the first R dims of each head (partial RoPE); None: all H.
 
     Returns:
       [B, T, N, H], same dtype as x.
     """
+    if rope_dim is not None and rope_dim < x.shape[-1]:
+        rotated = apply_rope(x[..., :rope_dim], positions, theta)
+        return jnp.concatenate([rotated, x[..., rope_dim:]], axis=-1)
     head_dim = x.shape[-1]
     angles = positions[..., None].astype(jnp.float32) * rope_frequencies(head_dim, theta)
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # [B, T, 1, H/2]
@@ -324,8 +330,8 @@ class Attention(nnx.Module):
             out = dot_product_attention(q, k, v, context_mask, bias, cfg.scale_attention)
             return self._out(out), cache
         if cfg.position == "rope":
-            q = apply_rope(q, positions, cfg.rope_theta)
-            k = apply_rope(k, positions, cfg.rope_theta)
+            q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_dim)
+            k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_dim)
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
 
         key_positions = positions

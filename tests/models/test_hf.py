@@ -28,11 +28,13 @@ def max_relative_error(ours: np.ndarray, reference: np.ndarray, mask=None) -> fl
     return float(diff.max() / np.abs(reference).max())
 
 
-@pytest.mark.parametrize("name", ["llama", "llama_tied", "qwen2", "gpt2", "bloom"])
+@pytest.mark.parametrize("name", ["llama", "llama_tied", "qwen2", "glm", "gpt2", "bloom"])
 def test_decoder_logits_match_transformers(name):
     model_type, model, _ = hf.load_hf_dir(GOLDEN / name)
     reference = np.load(GOLDEN / name / "reference.npz")
     assert model_type == name.split("_")[0]
+    if name == "glm":
+        assert model.cfg.rope_dim == model.cfg.head_dim // 2 and model.cfg.qkv_bias
     logits = model(jnp.asarray(reference["input_ids"]))
     assert logits.shape == reference["logits"].shape
     assert max_relative_error(logits, reference["logits"]) <= 1e-4
