@@ -1,1 +1,23 @@
-"""Parallelism: device meshes and logical-axis sharding rules (planned: see the issues)."""
+"""Parallelism: device meshes, logical-axis sharding rules, the sharded train step, multi-host.
+
+    parallel.initialize()                                    # before touching devices
+    mesh = parallel.make_mesh({"fsdp": -1, "tensor": 2})     # mesh.py
+    # sharding.py: PRESETS "dp", "fsdp", "tp", "dp_tp", "fsdp_tp"; use_rules(mesh, rules)
+    # train.py: init_sharded_train_state, make_sharded_train_step, shard_batch
+
+Model code names logical axes only; the rules table here maps them to mesh axes.
+"""
+
+from parallel.distributed import initialize
+from parallel.mesh import MESH_AXES, make_mesh
+from parallel.sharding import PRESETS, logical_to_spec, train_state_shardings, use_rules
+
+__all__ = [
+    "MESH_AXES",
+    "PRESETS",
+    "initialize",
+    "logical_to_spec",
+    "make_mesh",
+    "train_state_shardings",
+    "use_rules",
+]
