@@ -1,0 +1,134 @@
+"""Grounded answers: citations always refer to retrieved chunks; the no-source path; end to end."""
+
+import random
+
+import pytest
+from rag_fakes import FakeEmbedder
+
+from rag.answer import (
+    NO_ANSWER,
+    NO_SOURCES_PROMPT,
+    answer,
+    build_messages,
+    format_answer,
+    resolve_citations,
+)
+from rag.chunking import ChunkConfig
+from rag.index import Index
+
+DOC = (
+    "Shakespeare was baptized at Stratford-upon-Avon on the 26th of April 1564. "
+    "His father, John Shakespeare, was a glover and a burgess of Stratford. "
+    "In 1582 he married Anne Hathaway, who was eight years older than he was. "
+    "The Globe Theatre was built in 1599 on the south bank of the Thames."
+)
+
+
+@pytest.fixture
+def index(tmp_path):
+    (tmp_path / "bio.txt").write_text(DOC)
+    with Index.open(tmp_path / "idx", FakeEmbedder(), create=True, config=ChunkConfig(20, 4)) as ix:
+        ix.add_paths([tmp_path / "bio.txt"])
+        yield ix
+
+
+class StubModel:
+    """Records the prompt and replies with a fixed text."""
+
+    def __init__(self, reply: str):
+        self.reply, self.messages = reply, None
+
+    def __call__(self, messages):
+        self.messages = messages
+        return self.reply
+
+
+def test_resolve_citations_drops_unknown_numbers():
+    text, cited, dropped = resolve_citations("Paris [1][7] and Rome [2, 9]. Nowhere [0].", 3)
+    assert cited == [1, 2] and dropped == [7, 9, 0]
+    assert text == "Paris [1] and Rome [2]. Nowhere."
+
+
+def test_citations_resolve_to_the_numbered_sources(index):
+    model = StubModel("He was baptized in 1564 [1], married in 1582 [2] [5].")
+    result = answer("When was Shakespeare baptized?", index, model, k=3, min_similarity=0.0)
+    assert len(result.sources) == 3 and result.dropped == [5]
+    assert "[5]" not in result.text and "[1]" in result.text
+    prompt = model.messages[-1]["content"]
+    for i, hit in enumerate(result.sources, start=1):
+        assert f"[{i}] ({hit.chunk.title})\n{hit.chunk.text}" in prompt
+    for c in result.citations:
+        hit = result.sources[c.number - 1]
+        assert (c.source, c.start, c.end, c.text) == (
+            hit.chunk.source,
+            hit.chunk.start,
+            hit.chunk.end,
+            hit.chunk.text,
+        )
+        assert DOC[c.start : c.end] == c.text
+    assert "Sources:" in format_answer(result)
+
+
+def test_citations_always_refer_to_retrieved_chunks(index):
+    rng = random.Random(0)
+    for trial in range(30):
+        k = rng.randint(1, 4)
+        numbers = [rng.randint(-1, 8) for _ in range(rng.randint(0, 6))]
+        reply = " ".join(f"claim{i} [{n}]" for i, n in enumerate(numbers))
+        result = answer(
+            f"question {trial} Stratford", index, StubModel(reply), k=k, min_similarity=-1
+        )
+        retrieved = {(h.chunk.source, h.chunk.start, h.chunk.end) for h in result.sources}
+        assert len(result.sources) <= k
+        for c in result.citations:
+            assert 1 <= c.number <= len(result.sources)
+            assert (c.source, c.start, c.end) in retrieved
+        _, cited, _ = resolve_citations(result.text, len(result.sources))
+        assert cited == [c.number for c in result.citations]  # the text cites nothing else
+
+
+def test_nothing_relevant_tells_the_model_to_say_it_does_not_know(index):
+    model = StubModel("I do not know [1].")
+    result = answer("When was Shakespeare baptized?", index, model, min_similarity=1.01)
+    assert result.text == NO_ANSWER and model.messages is None  # abstains without the model
+    result = answer(
+        "When was Shakespeare baptized?", index, model, min_similarity=1.01, abstain=False
+    )
+    assert result.sources == [] and result.citations == [] and result.dropped == [1]
+    assert NO_SOURCES_PROMPT in model.messages[-1]["content"]
+    assert "No relevant sources" in format_answer(result)
+    assert build_messages("q", [])[0]["role"] == "system"
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_end_to_end_on_the_britannica_article(tmp_path):
+    from models import load_pretrained
+    from rag.answer import chat_completer
+    from rag.embed import PretrainedEmbedder
+    from rag.eval.retrieval import find_span, is_relevant
+    from train import corpus
+
+    try:
+        article = corpus.load_britannica_article()
+    except corpus.CorpusUnavailable as e:
+        pytest.skip(f"corpus unavailable: {e}")
+    # The article's opening (the biography's first pages) keeps embedding to ~10 s on a CPU.
+    path = tmp_path / "britannica.txt"
+    path.write_text(article.text[:12_000])
+    embedder = PretrainedEmbedder()
+    with Index.open(tmp_path / "idx", embedder, create=True) as index:
+        index.add_paths([path])
+        question = "On what date and where was Shakespeare baptized?"
+        text = path.read_text()
+        gold = find_span(text, "parish church of Stratford-upon-Avon in Warwickshire")
+        hits = index.search(question, k=3)
+        assert any(is_relevant(h.chunk.start, h.chunk.end, gold) for h in hits)
+        complete = chat_completer(load_pretrained("smollm2-135m-instruct"), max_tokens=48)
+        result = answer(question, index, complete)
+        assert result.sources and result.text
+        for c in result.citations:
+            assert text[c.start : c.end] == c.text
+            assert c.number <= len(result.sources)
+        unrelated = answer("How do I configure a Kubernetes ingress?", index, complete)
+        assert unrelated.sources == [] and unrelated.text == NO_ANSWER
