@@ -144,3 +144,48 @@ def fill_spans(model: nnx.Module, inputs, start_id: int, length: int) -> np.ndar
     graphdef, state = nnx.split(model)
     tokens = _fill_spans(graphdef, state, jnp.asarray(inputs, jnp.int32), start_id, length)
     return np.asarray(tokens)[0] if np.ndim(inputs) == 1 else np.asarray(tokens)
+
+
+def fill_blank(
+    model: nnx.Module, context, mask_index: int, start_id: int, end_id: int, max_tokens: int
+) -> list[int]:
+    """Greedy GLM blank filling: the tokens the model writes for the [MASK] at mask_index.
+
+    The context (part A, [MASK]s included) attends to itself both ways; the span is generated
+    after [S] with 2D positions (mask_index, 1..), until [E] or max_tokens.
+    """
+    context = [int(t) for t in context]
+    n = len(context)
+    cache = model.init_cache(1, n + 1 + max_tokens)
+    tokens = jnp.asarray([context + [start_id]], jnp.int32)
+    positions = jnp.asarray([list(range(n)) + [mask_index]], jnp.int32)
+    blocks = jnp.asarray([[0] * n + [1]], jnp.int32)
+    step = _glm_step(model)
+    out: list[int] = []
+    next_token, cache = step(tokens, positions, blocks, cache, jnp.asarray([n], jnp.int32))
+    for k in range(max_tokens):
+        token = int(next_token[0])
+        if token == end_id:
+            break
+        out.append(token)
+        next_token, cache = step(
+            jnp.asarray([[token]], jnp.int32),
+            jnp.asarray([[mask_index]], jnp.int32),
+            jnp.asarray([[k + 2]], jnp.int32),
+            cache,
+            jnp.asarray([n], jnp.int32),
+        )
+    return out
+
+
+def _glm_step(model: nnx.Module):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, tokens, positions, blocks, cache, prefix_len):
+        logits, cache = nnx.merge(graphdef, state)(
+            tokens, positions=positions, cache=cache, block_positions=blocks, prefix_len=prefix_len
+        )
+        return jnp.argmax(logits[:, -1], axis=-1), cache
+
+    return functools.partial(step, state)

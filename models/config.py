@@ -54,6 +54,8 @@ class ModelConfig:
       causal: attention sees only earlier positions (decoders) or every position (encoders).
       type_vocab_size: rows of the token-type (segment A/B) embedding, 0 for none (BERT: 2).
       embed_norm: a norm right after the embeddings (BERT, BLOOM).
+      block_positions: a second learned position table for the position inside a generated
+        span (GLM's 2D positions; the first table holds the position in the context).
       dropout_rate: dropout on embeddings, attention output and MLP output in training.
       dtype: compute dtype ("float32" or "bfloat16").
       param_dtype: parameter storage dtype.
@@ -93,6 +95,7 @@ class ModelConfig:
     causal: bool = True
     type_vocab_size: int = 0
     embed_norm: bool = False
+    block_positions: bool = False
     dropout_rate: float = 0.0
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -151,6 +154,8 @@ class ModelConfig:
             raise ValueError(
                 f"scan_unroll={self.scan_unroll} must be between 1 and num_layers={self.num_layers}"
             )
+        if self.block_positions and self.position != "learned":
+            raise ValueError("block_positions (GLM's 2D positions) needs position='learned'")
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
             raise ValueError(f"type_vocab_size must be >= 0, got {self.type_vocab_size!r}")
         if not 0.0 <= self.dropout_rate < 1.0:
@@ -209,7 +214,7 @@ class ModelConfig:
             if not self.tie_embeddings:
                 total += self.vocab_size * d
             if self.position == "learned":
-                total += self.max_seq_len * d
+                total += self.max_seq_len * d * (2 if self.block_positions else 1)
         return total
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -51,6 +51,14 @@ class Decoder(nnx.Module):
                 ("seq", "embed"),
             )
 
+        if cfg.block_positions:
+            self.block_pos_embed = param(
+                rngs,
+                normal(cfg.init_std),
+                (cfg.max_seq_len, cfg.embed_dim),
+                cfg.weight_dtype,
+                ("seq", "embed"),
+            )
         if cfg.embed_norm:
             self.embed_norm = make_norm(cfg, rngs)
         self.blocks = stacked_blocks(cfg, rngs)  # every parameter has a leading [L] axis
@@ -72,6 +80,8 @@ class Decoder(nnx.Module):
         cache: KVCache | None = None,
         dropout_key: jax.Array | None = None,
         logits_positions: jax.Array | None = None,
+        block_positions: jax.Array | None = None,
+        prefix_len: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None] | jax.Array:
         """Runs the decoder.
 
@@ -84,6 +94,10 @@ class Decoder(nnx.Module):
           dropout_key: a PRNG key to enable dropout (training); None disables it.
           logits_positions: [B] indices into T: compute the logits only there (prefill needs
             just the last real prompt position), giving [B, 1, V].
+          block_positions: [B, T] positions inside a generated span (GLM; 0 in the context);
+            used when cfg.block_positions, default all 0.
+          prefix_len: [B] prefix-LM boundary: tokens before it attend to each other both ways,
+            later ones causally (GLM's blank infilling); None: fully causal.
 
         Returns:
           float32 logits [B, T, V] when `cache` is None, else (logits, updated cache).
@@ -100,12 +114,15 @@ class Decoder(nnx.Module):
         if dropout_key is not None:
             keys = tuple(jax.random.split(dropout_key, 3))
             keys = (keys[0], jax.random.split(keys[1], cfg.num_layers), keys[2])
+        if cfg.block_positions and block_positions is not None:
+            x = x + jnp.take(self.block_pos_embed[...], block_positions, axis=0).astype(x.dtype)
         if cfg.embed_norm:
             x = self.embed_norm(x)
         x = dropout(x, cfg.dropout_rate, keys[0])
         x = constrain(x, ("batch", "seq", "embed"))
 
-        x, new_cache = scan_blocks(self.blocks, x, positions, segment_ids, cache, keys[1])
+        shared = {} if prefix_len is None else {"prefix_len": prefix_len}
+        x, new_cache = scan_blocks(self.blocks, x, positions, segment_ids, cache, keys[1], **shared)
 
         if logits_positions is not None:
             x = jnp.take_along_axis(x, logits_positions[:, None, None], axis=1)

@@ -204,17 +204,23 @@ def make_attention_mask(
     query_segments: jax.Array | None,
     key_segments: jax.Array | None,
     causal: bool = True,
+    prefix_len: jax.Array | None = None,
 ) -> jax.Array:
     """Boolean [B, 1, 1, T, S] mask: True where query t may attend to key s.
 
     Segment id 0 marks padding (attends to nothing, is attended by nothing); equal non-zero
     segment ids mark one packed sequence, so packed examples never see each other.
+    `prefix_len` [B] makes a prefix LM (GLM): keys before it are seen by every query, so the
+    prefix attends bidirectionally and what follows causally.
     """
     mask = jnp.ones(
         query_positions.shape[:1] + (query_positions.shape[1], key_positions.shape[1]), bool
     )
     if causal:
-        mask &= query_positions[:, :, None] >= key_positions[:, None, :]
+        visible = query_positions[:, :, None] >= key_positions[:, None, :]
+        if prefix_len is not None:
+            visible |= key_positions[:, None, :] < prefix_len[:, None, None]
+        mask &= visible
     if query_segments is not None and key_segments is not None:
         mask &= query_segments[:, :, None] == key_segments[:, None, :]
         mask &= (key_segments != 0)[:, None, :]
@@ -308,6 +314,7 @@ class Attention(nnx.Module):
         bias: jax.Array | None = None,
         context: jax.Array | None = None,
         context_mask: jax.Array | None = None,
+        prefix_len: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Self- or cross-attention.
 
@@ -320,6 +327,8 @@ class Attention(nnx.Module):
             broadcastable to [B, K, G, T, S].
           context: [B, S, D] encoder output to attend to (cross-attention; no cache, no RoPE).
           context_mask: [B, 1, 1, T, S] bool mask for the context (required with context).
+          prefix_len: [B] prefix-LM boundary (see make_attention_mask). Causality then follows
+            the order of the tokens in the sequence, not `positions`, which GLM repeats.
 
         Returns:
           ([B, T, D] output, updated cache or None).
@@ -336,8 +345,11 @@ class Attention(nnx.Module):
 
         key_positions = positions
         if cache is None:
+            order = positions
+            if prefix_len is not None:
+                order = jnp.broadcast_to(jnp.arange(x.shape[1]), positions.shape)
             mask = make_attention_mask(
-                positions, positions, segment_ids, segment_ids, causal=cfg.causal
+                order, order, segment_ids, segment_ids, cfg.causal, prefix_len
             )
         else:
             # Decoding: write the new keys at the cursor, attend over every written slot.
@@ -350,7 +362,12 @@ class Attention(nnx.Module):
             cache = KVCache(k_all, v_all, cache.index + x.shape[1])
             slots = jnp.arange(k_all.shape[1])[None, :]
             key_positions = jnp.broadcast_to(slots, (x.shape[0], k_all.shape[1]))
-            mask = make_attention_mask(positions, key_positions, None, None)
+            # Causality by slot order: query t sits in slot cache.index + t (its `positions`
+            # may differ, e.g. GLM's 2D positions).
+            order = jnp.broadcast_to(
+                cache.index - x.shape[1] + jnp.arange(x.shape[1]), positions.shape
+            ).astype(key_positions.dtype)
+            mask = make_attention_mask(order, key_positions, None, None, True, prefix_len)
             mask &= (slots < cache.index)[:, None, None, None, :]
             k, v = k_all.astype(dtype), v_all.astype(dtype)
 
@@ -452,6 +469,7 @@ class Block(nnx.Module):
         bias: jax.Array | None = None,
         context: jax.Array | None = None,
         context_mask: jax.Array | None = None,
+        prefix_len: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         rate = self.cfg.dropout_rate
         num_keys = 2 if context is None else 3
@@ -467,7 +485,9 @@ class Block(nnx.Module):
 
         def self_attention(h):
             nonlocal cache
-            out, cache = self.attn(h, positions, segment_ids, cache, bias=bias)
+            out, cache = self.attn(
+                h, positions, segment_ids, cache, bias=bias, prefix_len=prefix_len
+            )
             return out
 
         x = sublayer(x, self.attn_norm, self_attention, keys[0])

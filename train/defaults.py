@@ -42,7 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.seed = 0
     config.data.eval_batches = 0  # validation batches per evaluation; 0 = the whole split
     config.data.eval_batch_size = 0  # 0 = data.batch_size; larger is faster (forward only)
-    config.data.objective = "causal_lm"  # or span_corruption (T5; needs an encoder-decoder)
+    # causal_lm | span_corruption (T5; an encoder-decoder) | blank_infilling (GLM: a decoder
+    # with model.block_positions; model.max_seq_len must hold seq_len + 2 per span)
+    config.data.objective = "causal_lm"
     config.data.noise_density = 0.15  # span corruption: fraction of tokens corrupted
     config.data.mean_span_length = 3.0  # span corruption: mean corrupted span length
 

@@ -18,9 +18,9 @@ import numpy as np
 
 from train import corpus as corpus_lib
 from train import tokenizers as tokenizers_lib
-from train.objectives import SpanCorruption
+from train.objectives import BlankInfilling, SpanCorruption
 
-OBJECTIVES = ("causal_lm", "span_corruption")
+OBJECTIVES = ("causal_lm", "span_corruption", "blank_infilling")
 
 # One background thread assembles the next few batches while the device runs a step:
 # a 64x256 batch costs ~2 ms of Python in grain, which a single thread hides; more threads
@@ -90,7 +90,7 @@ def make_train_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
-    span_corruption: SpanCorruption | None = None,
+    span_corruption: SpanCorruption | BlankInfilling | None = None,
 ) -> grain.IterDataset:
     """An infinite dataset of training batches, reshuffled every epoch.
 
@@ -105,8 +105,9 @@ def make_train_dataset(
       seed: shuffle seed; the same seed gives the same batches.
       process_index: this process's index (jax.process_index()).
       process_count: number of processes (jax.process_count()).
-      span_corruption: turn each row (then [num_seqs, window]) into a T5 example with a fresh
-        random span layout per row and epoch, instead of next-token inputs and targets.
+      span_corruption: turn each row (then [num_seqs, window]) into a T5 (SpanCorruption) or
+        GLM (BlankInfilling) example with a fresh random span layout per row and epoch,
+        instead of next-token inputs and targets.
 
     Returns:
       An IterDataset of {"inputs", "targets"}: int32 [batch_size // process_count, seq_len]
@@ -137,7 +138,7 @@ def make_eval_batches(
     max_batches: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
-    span_corruption: SpanCorruption | None = None,
+    span_corruption: SpanCorruption | BlankInfilling | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Validation batches in order, unshuffled; the last partial batch is dropped.
 
@@ -192,7 +193,8 @@ class DataBundle:
       eval_batches: validation batches (see make_eval_batches).
       num_train_tokens: tokens in the training documents, eos included, before packing.
       vocab_size: ids the model needs (the tokenizer's, plus span corruption's sentinels).
-      span_corruption: the objective's settings when data.objective is "span_corruption".
+      span_corruption: the objective's settings when data.objective is "span_corruption" or
+        "blank_infilling".
       num_val_tokens: the same for the validation documents.
     """
 
@@ -202,7 +204,15 @@ class DataBundle:
     num_train_tokens: int
     num_val_tokens: int
     vocab_size: int = 0
-    span_corruption: SpanCorruption | None = None
+    span_corruption: SpanCorruption | BlankInfilling | None = None
+
+
+def _model_vocab_size(tokenizer, objective) -> int:
+    if isinstance(objective, SpanCorruption):
+        return objective.vocab_size
+    if isinstance(objective, BlankInfilling):
+        return objective.end_id + 1
+    return tokenizer.vocab_size
 
 
 def _encode(tokenizer: tokenizers_lib.Tokenizer, text: str) -> np.ndarray:
@@ -288,6 +298,17 @@ def build_datasets(
             noise_density=config.get("noise_density", 0.15),
             mean_span_length=config.get("mean_span_length", 3.0),
         )
+    elif objective == "blank_infilling":
+        window -= 1
+        base = tokenizer.vocab_size  # [MASK], [S] and [E] follow the tokenizer's ids
+        span = BlankInfilling(
+            window=config.seq_len,
+            mask_id=base,
+            start_id=base + 1,
+            end_id=base + 2,
+            noise_density=config.get("noise_density", 0.15),
+            mean_span_length=config.get("mean_span_length", 3.0),
+        )
     train_packed = pack_documents(train_ids, window, tokenizer.eos_id)
     val_packed = pack_documents(val_ids, window, tokenizer.eos_id)
     return DataBundle(
@@ -305,6 +326,6 @@ def build_datasets(
         ),
         num_train_tokens=sum(len(ids) + extra for ids in train_ids),
         num_val_tokens=sum(len(ids) + extra for ids in val_ids),
-        vocab_size=span.vocab_size if span else tokenizer.vocab_size,
+        vocab_size=_model_vocab_size(tokenizer, span),
         span_corruption=span,
     )

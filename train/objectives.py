@@ -134,3 +134,93 @@ class SpanCorruption:
 
     def is_sentinel(self, token: int) -> bool:
         return self.sentinel_start <= token < self.sentinel_start + self.num_sentinels
+
+
+@dataclasses.dataclass(frozen=True)
+class BlankInfilling:
+    """GLM's autoregressive blank infilling (Du et al. 2022, section 2.1).
+
+    Spans of the window (laid out as in SpanCorruption) are replaced by one [MASK] each; the
+    corrupted text is part A. Part B holds the spans in random order, each as [S] + span,
+    predicting span + [E]. The model is one decoder with a prefix-LM mask: part A attends to
+    itself both ways, part B causally to A and to the spans before it. Positions are 2D: the
+    first is the position in part A (a span's tokens all take their [MASK]'s), the second the
+    position inside the span (0 in part A, 1.. in B). Only part B's tokens carry loss.
+
+    Every example is `length = window + 2 * num_spans` tokens, with keys inputs, targets,
+    weights, positions, block_positions and prefix_len (the length of part A).
+    """
+
+    window: int
+    mask_id: int
+    start_id: int
+    end_id: int
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+
+    @property
+    def layout(self) -> SpanCorruption:
+        return SpanCorruption(
+            self.window, sentinel_start=0, decoder_start_id=0,
+            noise_density=self.noise_density, mean_span_length=self.mean_span_length,
+        )  # fmt: skip
+
+    @property
+    def num_spans(self) -> int:
+        return self.layout.num_spans
+
+    @property
+    def length(self) -> int:
+        return self.window + 2 * self.num_spans
+
+    @property
+    def prefix_length(self) -> int:
+        return self.window - self.layout.num_noise + self.num_spans
+
+    def corrupt(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        tokens = np.asarray(tokens)
+        if tokens.shape != (self.window,):
+            raise ValueError(f"expected a window of {self.window} tokens, got {tokens.shape}")
+        noise = self.layout.noise_mask(rng)
+        span_start = noise & ~np.concatenate([[False], noise[:-1]])
+        keep = ~noise | span_start
+        part_a = np.where(span_start, self.mask_id, tokens)[keep]
+        mask_positions = np.flatnonzero(part_a == self.mask_id)
+        if len(mask_positions) != self.num_spans:  # a real token equal to mask_id
+            raise ValueError(f"token id {self.mask_id} ([MASK]) occurs in the text")
+        span_id = np.cumsum(span_start) - 1
+        spans = [tokens[noise & (span_id == s)] for s in range(self.num_spans)]
+        inputs, targets, positions, blocks = [part_a], [np.zeros_like(part_a)], [], []
+        positions.append(np.arange(len(part_a)))
+        blocks.append(np.zeros(len(part_a), np.int64))
+        for s in rng.permutation(self.num_spans):
+            span = spans[s]
+            inputs.append(np.concatenate([[self.start_id], span]))
+            targets.append(np.concatenate([span, [self.end_id]]))
+            positions.append(np.full(len(span) + 1, mask_positions[s]))
+            blocks.append(np.arange(1, len(span) + 2))
+        weights = np.zeros(self.length, np.float32)
+        weights[len(part_a) :] = 1.0
+        return {
+            "inputs": np.concatenate(inputs).astype(np.int32),
+            "targets": np.concatenate(targets).astype(np.int32),
+            "weights": weights,
+            "positions": np.concatenate(positions).astype(np.int32),
+            "block_positions": np.concatenate(blocks).astype(np.int32),
+            "prefix_len": np.int32(len(part_a)),
+        }
+
+    def reconstruct(self, example: dict[str, np.ndarray]) -> np.ndarray:
+        """The original window from an example (its inputs, positions and prefix_len)."""
+        n = int(example["prefix_len"])
+        part_a = np.asarray(example["inputs"][:n]).tolist()
+        fills: dict[int, list[int]] = {}
+        for token, position in zip(example["inputs"][n:], example["positions"][n:], strict=True):
+            if token == self.start_id:
+                fills[int(position)] = []
+            else:
+                fills[int(position)].append(int(token))
+        out: list[int] = []
+        for i, token in enumerate(part_a):
+            out.extend(fills[i] if token == self.mask_id else [token])
+        return np.asarray(out, np.int32)

@@ -23,13 +23,14 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from infer.sampling import fill_spans, sample
+from infer.sampling import fill_blank, fill_spans, sample
 from models import build_model
 from models.config import ModelConfig
 from models.decoder import Decoder
 from train.checkpoint import Checkpointer
 from train.input_pipeline import DataBundle, build_datasets
 from train.metrics import MetricWriter, progress_bar
+from train.objectives import BlankInfilling
 from train.optimizer import make_optimizer
 
 log = logging.getLogger(__name__)
@@ -122,15 +123,18 @@ def init_train_state(
 
 
 def forward(model: nnx.Module, batch: dict, dropout_key: jax.Array | None = None) -> jax.Array:
-    """Logits for the batch's targets: a decoder reads "inputs"; an encoder-decoder (span
-    corruption) encodes "inputs" and teacher-forces "decoder_inputs"."""
+    """Logits for the batch's targets: a decoder reads "inputs" (with GLM's 2D positions and
+    prefix length when present); an encoder-decoder (span corruption) encodes "inputs" and
+    teacher-forces "decoder_inputs"."""
     if "decoder_inputs" in batch:
         return model(batch["inputs"], batch["decoder_inputs"], batch.get("input_mask"), dropout_key)
+    extra = {k: batch[k] for k in ("block_positions", "prefix_len") if k in batch}
     return model(
         batch["inputs"],
         positions=batch.get("positions"),
         segment_ids=batch.get("segment_ids"),
         dropout_key=dropout_key,
+        **extra,
     )
 
 
@@ -226,6 +230,8 @@ def peak_flops(config_value: float) -> float | None:
 def sample_text(graphdef, params, data: DataBundle, config, seed: int = 0) -> str:
     tcfg = config.train
     model = nnx.merge(graphdef, params)
+    if isinstance(data.span_corruption, BlankInfilling):
+        return fill_blank_text(model, data)
     if data.span_corruption is not None:
         return fill_spans_text(model, data)
     prompt = data.tokenizer.encode(tcfg.sample_prompt) or [0]
@@ -264,6 +270,28 @@ def fill_spans_text(model, data: DataBundle) -> str:
         f"input:  {show(inputs[0])}\ntarget: {show(batch['targets'][0])}\n"
         f"model:  {show(filled)}\nfilled: {tokenizer.decode(guess)}\n"
         f"truth:  {tokenizer.decode(truth)}"
+    )
+
+
+def fill_blank_text(model, data: DataBundle) -> str:
+    """A held-out window with one blank, and the model's greedy fill of it (GLM)."""
+    objective = data.span_corruption
+    tokenizer = data.tokenizer
+    example = {k: v[0] for k, v in data.eval_batches[0].items()}
+    n = int(example["prefix_len"])
+    context = example["inputs"][:n]
+    masks = np.flatnonzero(context == objective.mask_id)
+    truth = objective.reconstruct(example)
+    first = int(masks[0])
+    filled = fill_blank(model, context, first, objective.start_id, objective.end_id, 12)
+
+    def text(ids) -> str:
+        return tokenizer.decode([int(t) for t in ids if int(t) < tokenizer.vocab_size])
+
+    shown = "".join("[MASK]" if int(t) == objective.mask_id else text([t]) for t in context)
+    return (
+        f"context: {shown}\nmodel fills the first [MASK] with: {text(filled)!r}\n"
+        f"truth:   {text(truth)}"
     )
 
 

@@ -262,3 +262,55 @@ def test_every_parameter_names_its_logical_axes(tiny, family):
         assert isinstance(axes, tuple), f"{path} has no logical_axes"
         assert len(axes) == variable.get_value().ndim, f"{path}: {axes} vs {variable.shape}"
         assert (axes[0] == "layers") == (path[0] == "blocks"), f"{path}: {axes}"
+
+
+# ------------------------------------------------------------------------------------------------
+# GLM: prefix-LM mask and 2D positions.
+
+
+@pytest.fixture(scope="module")
+def glm(tiny):
+    cfg = tiny.gpt2(block_positions=True)
+    return Decoder(cfg, rngs=nnx.Rngs(0))
+
+
+def _glm_inputs(n=7, total=12):
+    tokens = _tokens((1, total), 64, seed=9)
+    positions = jnp.asarray([list(range(n)) + [3] * (total - n)], jnp.int32)
+    blocks = jnp.asarray([[0] * n + list(range(1, total - n + 1))], jnp.int32)
+    return tokens, positions, blocks, jnp.asarray([n], jnp.int32)
+
+
+def test_prefix_lm_context_sees_both_ways_and_never_the_span(glm):
+    tokens, positions, blocks, prefix = _glm_inputs()
+
+    def logits(t):
+        return glm(t, positions=positions, block_positions=blocks, prefix_len=prefix)
+
+    base = logits(tokens)
+    in_context = logits(tokens.at[0, 5].set((tokens[0, 5] + 1) % 64))
+    assert float(jnp.abs(in_context[0, 2] - base[0, 2]).max()) > 1e-4  # context is bidirectional
+    in_span = logits(tokens.at[0, 9].set((tokens[0, 9] + 1) % 64))
+    np.testing.assert_array_equal(in_span[0, :9], base[0, :9])  # nothing before sees the span
+    assert float(jnp.abs(in_span[0, 10] - base[0, 10]).max()) > 1e-4  # later span tokens do
+    # The block (in-span) positions reach the model.
+    shifted = glm(tokens, positions=positions, block_positions=blocks * 0, prefix_len=prefix)
+    assert float(jnp.abs(shifted[0, 8] - base[0, 8]).max()) > 1e-4
+
+
+def test_glm_cached_decoding_matches_the_full_forward(glm):
+    tokens, positions, blocks, prefix = _glm_inputs()
+    full = glm(tokens, positions=positions, block_positions=blocks, prefix_len=prefix)
+    cache = glm.init_cache(1, 16)
+    logits, cache = glm(
+        tokens[:, :8], positions=positions[:, :8], cache=cache, block_positions=blocks[:, :8],
+        prefix_len=prefix,
+    )  # fmt: skip
+    steps = [logits]
+    for t in range(8, 12):
+        logits, cache = glm(
+            tokens[:, t : t + 1], positions=positions[:, t : t + 1], cache=cache,
+            block_positions=blocks[:, t : t + 1], prefix_len=prefix,
+        )  # fmt: skip
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)

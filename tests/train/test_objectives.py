@@ -66,3 +66,31 @@ def test_bad_settings_are_named():
     objective = SpanCorruption(window=10, sentinel_start=1, decoder_start_id=0)
     with pytest.raises(ValueError, match="window of 10"):
         objective.corrupt(np.arange(11), np.random.default_rng(0))
+
+
+def test_blank_infilling_layout_round_trip_and_2d_positions():
+    from train.objectives import BlankInfilling
+
+    objective = BlankInfilling(window=48, mask_id=100, start_id=101, end_id=102)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        window = rng.integers(0, 100, 48)
+        example = objective.corrupt(window, rng)
+        n = int(example["prefix_len"])
+        assert n == objective.prefix_length
+        assert all(v.shape == (objective.length,) for k, v in example.items() if k != "prefix_len")
+        np.testing.assert_array_equal(objective.reconstruct(example), window)
+        # Loss only on part B: each span's tokens and its [E]; [S] begins each span's inputs.
+        assert not example["weights"][:n].any() and example["weights"][n:].all()
+        inputs, targets = example["inputs"], example["targets"]
+        assert (inputs[n:] == 101).sum() == (targets[n:] == 102).sum() == objective.num_spans
+        # Part A: positions 0..n-1, block position 0. Part B: its [MASK]'s position, 1, 2, ...
+        np.testing.assert_array_equal(example["positions"][:n], np.arange(n))
+        assert not example["block_positions"][:n].any()
+        for i in np.flatnonzero(inputs == 101):
+            assert inputs[example["positions"][i]] == 100
+            assert example["block_positions"][i] == 1
+        # Within part B, the targets are the next inputs except at span ends.
+        for i in range(n, objective.length - 1):
+            if inputs[i + 1] != 101:
+                assert targets[i] == inputs[i + 1]
