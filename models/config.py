@@ -13,7 +13,7 @@ from typing import Any, Literal
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,12 @@ class ModelConfig:
       scan_unroll: layers per iteration of the layer scan. 1 keeps compile time flat in depth;
         num_layers unrolls fully, which runs small models markedly faster on CPU (XLA:CPU
         differentiates a rolled loop over stacked weights poorly) at the cost of compile time.
-      attention_impl: which attention implementation the model dispatches to.
+      attention_impl: the attention of training and prefill (no cache): "xla" (plain
+        einsums, every backend), "pallas" (kernels/flash_attention.py: Triton on GPU, interpret
+        mode on CPU), "cudnn" (jax.nn.dot_product_attention's cuDNN flash attention, GPU) or
+        "auto" (pallas on GPU where it applies, else xla). The Pallas and cuDNN paths order
+        causality by token index, as training and prefill always do, and take no score bias:
+        ALiBi, T5 and prefix-LM attention always use xla.
       init_std: standard deviation of the normal initialiser for weights.
     """
 
@@ -156,6 +161,11 @@ class ModelConfig:
             )
         if self.block_positions and self.position != "learned":
             raise ValueError("block_positions (GLM's 2D positions) needs position='learned'")
+        if self.attention_impl in ("pallas", "cudnn") and self.position in ("alibi", "relative"):
+            raise ValueError(
+                f"attention_impl={self.attention_impl!r} takes no score bias, which "
+                f"position={self.position!r} needs; use 'xla' or 'auto'"
+            )
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
             raise ValueError(f"type_vocab_size must be >= 0, got {self.type_vocab_size!r}")
         if not 0.0 <= self.dropout_rate < 1.0:

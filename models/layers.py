@@ -260,6 +260,14 @@ def dot_product_attention(
     return out.reshape(b, t, n, h)
 
 
+def attention_impl(cfg: ModelConfig) -> str:
+    """The attention implementation cfg asks for, with "auto" resolved for this backend."""
+    if cfg.attention_impl != "auto":
+        return cfg.attention_impl
+    on_gpu = jax.default_backend() == "gpu"
+    return "pallas" if on_gpu and cfg.head_dim in (64, 128) else "xla"
+
+
 class Attention(nnx.Module):
     """Multi-head attention with grouped KV heads (MHA / GQA / MQA), optional RoPE and cache.
 
@@ -373,7 +381,24 @@ class Attention(nnx.Module):
 
         if cfg.position == "alibi":
             bias = alibi_bias(cfg.num_heads, cfg.num_kv_heads, positions, key_positions)
-        out = dot_product_attention(q, k, v, mask, bias, cfg.scale_attention)
+        plain = cache is None and bias is None and prefix_len is None
+        impl = attention_impl(cfg) if plain else "xla"
+        if impl == "pallas":
+            from kernels.flash_attention import flash_attention
+
+            out = flash_attention(
+                q, k, v, causal=cfg.causal, q_segment_ids=segment_ids,
+                kv_segment_ids=segment_ids, sm_scale=None if cfg.scale_attention else 1.0,
+            )  # fmt: skip
+        elif impl == "cudnn":
+            if segment_ids is not None:
+                raise ValueError("attention_impl='cudnn' does not take segment ids; use pallas")
+            out = jax.nn.dot_product_attention(
+                q, k, v, is_causal=cfg.causal, implementation="cudnn",
+                scale=None if cfg.scale_attention else 1.0,
+            )  # fmt: skip
+        else:
+            out = dot_product_attention(q, k, v, mask, bias, cfg.scale_attention)
         return self._out(out), cache
 
     def _out(self, out: jax.Array) -> jax.Array:
