@@ -21,8 +21,12 @@ def test_derived_defaults():
         (dict(num_kv_heads=3), "num_kv_heads"),  # 4 heads are not divisible by 3
         (dict(head_dim=7, position="rope"), "head_dim"),  # RoPE rotates pairs
         (dict(norm="batchnorm"), "norm"),
-        (dict(mlp_activation="relu"), "mlp_activation"),
-        (dict(position="alibi"), "position"),
+        (dict(mlp_activation="tanh"), "mlp_activation"),
+        (dict(position="sinusoidal"), "position"),
+        (dict(architecture="mixture"), "architecture"),
+        (dict(rope_dim=5), "rope_dim"),
+        (dict(position="alibi", attention_impl="pallas"), "attention_impl"),
+        (dict(block_positions=True, position="rope"), "block_positions"),
         (dict(remat_policy="some"), "remat_policy"),
         (dict(dtype="float64"), "dtype"),
         (dict(scan_unroll=3), "scan_unroll"),
