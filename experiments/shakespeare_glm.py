@@ -11,7 +11,8 @@ at the end the trainer shows a held-out window with a blank and the model's gree
 Launch:
   python -m train --config experiments/shakespeare_glm.py --workdir runs/shakespeare_glm
 
-Variants: :runlocal (tiny, seconds).
+Measured on 2 CPU cores (AMD EPYC VM, loaded by other jobs), 2026-11-25: validation loss 2.281
+nats per span token ([E] included) after 2000 steps, 568 s. Variants: :runlocal (tiny, seconds).
 """
 
 from train.defaults import base_config

@@ -10,7 +10,9 @@ with its blanks and the model's greedy fill.
 Launch:
   python -m train --config experiments/shakespeare_t5.py --workdir runs/shakespeare_t5
 
-Variants: :runlocal (tiny, seconds).
+Measured on 2 CPU cores (AMD EPYC VM, loaded by other jobs), 2026-11-25: validation loss 2.374
+nats per target token (sentinels included) after 2000 steps, 682 s. At this size and budget the
+fills are mostly spaces and common words. Variants: :runlocal (tiny, seconds).
 """
 
 from train.defaults import base_config

@@ -249,7 +249,7 @@ def sample_text(graphdef, params, data: DataBundle, config, seed: int = 0) -> st
 def fill_spans_text(model, data: DataBundle) -> str:
     """A held-out window with its blanks, and the model's greedy fill of them (span corruption)."""
     span = data.span_corruption
-    batch = data.eval_batches[0]
+    batch = data.eval_batches[len(data.eval_batches) // 2]  # mid-play, not a title page
     inputs = batch["inputs"][:1]
     filled = fill_spans(model, inputs, span.decoder_start_id, span.target_length)[0]
     tokenizer = data.tokenizer
@@ -277,7 +277,8 @@ def fill_blank_text(model, data: DataBundle) -> str:
     """A held-out window with one blank, and the model's greedy fill of it (GLM)."""
     objective = data.span_corruption
     tokenizer = data.tokenizer
-    example = {k: v[0] for k, v in data.eval_batches[0].items()}
+    middle = data.eval_batches[len(data.eval_batches) // 2]  # mid-play, not a title page
+    example = {k: v[0] for k, v in middle.items()}
     n = int(example["prefix_len"])
     context = example["inputs"][:n]
     masks = np.flatnonzero(context == objective.mask_id)
