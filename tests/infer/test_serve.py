@@ -1,0 +1,408 @@
+"""The OpenAI-compatible server, driven by the real `openai` client over loopback.
+
+A tiny random decoder with a byte-level tokenizer serves the default tests; SmolLM2 and
+all-MiniLM-L6-v2 are the slow, data-marked ones.
+"""
+
+import asyncio
+import dataclasses
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import tokenizers
+from flax import nnx
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from infer import generate  # noqa: E402
+from infer.serve import StopStrings, create_app  # noqa: E402
+from models import Decoder, ModelConfig  # noqa: E402
+from models.tokenizer import Tokenizer  # noqa: E402
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+NAME = "tiny"
+KEY = "sk-test"
+MESSAGES = [{"role": "user", "content": "Hello there"}]
+
+
+@dataclasses.dataclass
+class LM:
+    model: Decoder
+    tokenizer: Tokenizer
+
+
+def tiny_lm() -> LM:
+    cfg = ModelConfig(
+        vocab_size=300,
+        num_layers=2,
+        embed_dim=32,
+        num_heads=4,
+        num_kv_heads=2,
+        mlp_dim=64,
+        max_seq_len=160,
+        init_std=0.2,
+    )
+    # A byte-level BPE with no merges: one token per byte, plus two special tokens.
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, []))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    backend.add_special_tokens(["<s>", "</s>"])
+    tokenizer = Tokenizer(
+        backend,
+        special_tokens={"bos_token": "<s>", "eos_token": "</s>"},
+        chat_template=CHAT_TEMPLATE,
+    )
+    return LM(Decoder(cfg, rngs=nnx.Rngs(0)), tokenizer)
+
+
+class LiveServer:
+    """uvicorn on a free loopback port, in a background thread."""
+
+    def __init__(self, app):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.app = app
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_until_complete, args=(self.server.serve(),), daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, api_key=KEY, **kwargs):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, **kwargs)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm()
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    live = LiveServer(create_app(lm, model_name=NAME, api_key=KEY, max_queue=2))
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+def test_chat_completion_equals_generate(client, lm):
+    reply = client.chat.completions.create(
+        model=NAME, messages=MESSAGES, max_tokens=12, temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.message.content == generate(lm, MESSAGES, max_tokens=12)
+    assert choice.message.role == "assistant" and choice.index == 0
+    assert choice.finish_reason in ("stop", "length")
+    prompt = lm.tokenizer.apply_chat_template(MESSAGES)
+    assert reply.usage.prompt_tokens == len(prompt)
+    assert reply.object == "chat.completion" and reply.model == NAME
+
+
+def test_text_completion_equals_generate(client, lm):
+    reply = client.completions.create(model=NAME, prompt="Once upon", max_tokens=10, temperature=0)
+    assert reply.choices[0].text == generate(lm, "Once upon", max_tokens=10)
+    assert reply.usage.completion_tokens <= 10
+    if reply.usage.completion_tokens == 10:
+        assert reply.choices[0].finish_reason == "length"
+
+
+def _chunks(server, body):
+    """The SSE data lines of a streamed request, parsed."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", server.url + body.pop("path"), json=body, headers=headers) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_chat_stream_chunk_sequence(server, lm, include_usage):
+    body = dict(path="/v1/chat/completions", model=NAME, messages=MESSAGES, max_tokens=12)
+    body.update(temperature=0, stream=True)
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    chunks = _chunks(server, body)
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1
+    if include_usage:
+        *chunks, last = chunks
+        assert last["choices"] == []
+        assert last["usage"]["completion_tokens"] <= 12
+        assert last["usage"]["total_tokens"] == sum(
+            last["usage"][k] for k in ("prompt_tokens", "completion_tokens")
+        )
+        assert all(c["usage"] is None for c in chunks)
+    else:
+        assert all("usage" not in c for c in chunks)
+    first, *middle, final = [c["choices"] for c in chunks]
+    assert first == [
+        {"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}
+    ]
+    assert final[0]["delta"] == {} and final[0]["finish_reason"] in ("stop", "length")
+    assert all(c[0]["finish_reason"] is None and set(c[0]["delta"]) == {"content"} for c in middle)
+    text = "".join(c[0]["delta"]["content"] for c in middle)
+    assert text == generate(lm, MESSAGES, max_tokens=12)
+
+
+def test_openai_client_streams_chat_and_completions(client, lm):
+    stream = client.chat.completions.create(
+        model=NAME, messages=MESSAGES, max_tokens=8, temperature=0, stream=True
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+    assert text == generate(lm, MESSAGES, max_tokens=8)
+    stream = client.completions.create(
+        model=NAME, prompt="abc", max_tokens=8, temperature=0, stream=True
+    )
+    pieces = list(stream)
+    assert "".join(c.choices[0].text for c in pieces) == generate(lm, "abc", max_tokens=8)
+    assert pieces[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_n_choices_have_their_indices_and_seeds(client):
+    kwargs = dict(model=NAME, messages=MESSAGES, max_tokens=10, temperature=1.5, seed=3)
+    reply = client.chat.completions.create(n=2, **kwargs)
+    assert [c.index for c in reply.choices] == [0, 1]
+    again = client.chat.completions.create(n=2, **kwargs)
+    assert [c.message.content for c in reply.choices] == [c.message.content for c in again.choices]
+    # Choice i is drawn with seed + i.
+    shifted = client.chat.completions.create(n=1, **{**kwargs, "seed": 4})
+    assert shifted.choices[0].message.content == reply.choices[1].message.content
+    stream = client.completions.create(
+        model=NAME, prompt="xy", max_tokens=4, temperature=1.0, n=2, stream=True
+    )
+    finished = [c.choices[0].index for c in stream if c.choices[0].finish_reason]
+    assert finished == [0, 1]
+
+
+def test_stop_strings_cut_the_text():
+    stopper = StopStrings(["END", "\n\n"])
+    out = []
+    for piece in ["abc E", "N", "xyz\n", "\n", "more"]:
+        text, stopped = stopper.push(piece)
+        out.append(text)
+        if stopped:
+            break
+    assert "".join(out) == "abc ENxyz" and stopped
+
+
+def test_stop_string_from_the_server(client, lm):
+    full = generate(lm, "Once upon", max_tokens=20)
+    stop = full[5:7]
+    if not stop.strip():
+        pytest.skip("the tiny model's text has no usable stop string here")
+    reply = client.completions.create(
+        model=NAME, prompt="Once upon", max_tokens=20, temperature=0, stop=[stop]
+    )
+    assert reply.choices[0].text == full[: full.index(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_out_of_range_temperature_is_a_bad_request_without_retries(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=MESSAGES, temperature=5)
+    assert e.value.body["param"] == "temperature"
+    assert e.value.body["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_not_found(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-9", messages=MESSAGES)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="gpt-9", input="hi")
+
+
+def test_api_key_is_required(server):
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").models.list()
+    r = httpx.get(server.url + "/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_malformed_json_is_400(server):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "tin', headers=headers)
+    assert r.status_code == 400
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_prompt_longer_than_the_context_is_400(client):
+    with pytest.raises(openai.BadRequestError, match="context is 160 tokens; the prompt has 300"):
+        client.completions.create(model=NAME, prompt="a" * 300)
+    with pytest.raises(openai.BadRequestError, match=r"\+ 150 completion tokens"):
+        client.completions.create(model=NAME, prompt="a" * 20, max_tokens=150)
+
+
+def test_health_and_models(server, client):
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    assert [m.id for m in client.models.list()] == [NAME]
+
+
+def test_bad_requests_never_give_5xx(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    good = {"model": NAME, "messages": MESSAGES, "max_tokens": 2}
+    values = [None, -1, 0, 10**12, 2.5, "x", "", [], {}, [1, "a"], True, {"a": [None]}]
+    fields = [
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "seed",
+        "stop",
+        "stream",
+        "stream_options",
+        "prompt",
+    ]
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        body = dict(good)
+        for field in rng.choice(fields, size=rng.integers(1, 3), replace=False):
+            body[str(field)] = values[rng.integers(len(values))]
+        path = "/v1/completions" if rng.random() < 0.3 else "/v1/chat/completions"
+        r = httpx.post(server.url + path, json=body, headers=headers)
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code >= 400:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    for body in (
+        {"model": NAME, "messages": MESSAGES, "n": 10**6},
+        {"model": NAME, "messages": MESSAGES, "max_tokens": -5},
+        {"model": NAME, "messages": [{"role": "robot", "content": "hi"}]},
+        {"model": NAME, "messages": "hi"},
+        {"model": NAME, "messages": MESSAGES, "seed": 2**64},
+        [1, 2],
+        "null",
+    ):
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers)
+        assert r.status_code == 400, (body, r.text)
+    assert httpx.post(server.url + "/v1/nothing", headers=headers).status_code == 404
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_full_queue_is_429_and_disconnect_cancels(server, client, lm, monkeypatch):
+    engine = server.app.state.engine
+    release = threading.Event()
+
+    def block(emit, cancel):
+        release.wait(10)
+
+    # Occupy the worker and fill the queue (max_queue=2) from the server's own loop.
+    async def occupy():
+        for _ in range(3):
+            engine.start(block)
+
+    future = asyncio.run_coroutine_threadsafe(occupy(), server.loop)
+    future.result(5)
+    try:
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=2)
+    finally:
+        release.set()
+    deadline = time.monotonic() + 10
+    while engine.in_flight:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    # A client that reads one chunk and leaves: its decode stops early. (Slowed down so that
+    # the tiny model cannot finish before the server notices.)
+    cancelled = engine.cancelled
+    slow_push = lm.tokenizer.stream_decoder
+
+    def slow_decoder():
+        decoder = slow_push()
+        push = decoder.push
+        decoder.push = lambda token: (time.sleep(0.02), push(token))[1]
+        return decoder
+
+    monkeypatch.setattr(lm.tokenizer, "stream_decoder", slow_decoder)
+    with client.chat.completions.create(
+        model=NAME, messages=MESSAGES, max_tokens=120, temperature=0, stream=True
+    ) as stream:
+        next(iter(stream))
+    while engine.in_flight:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert engine.cancelled == cancelled + 1
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_error_during_a_stream_ends_it_and_the_server_lives_on(client, lm, monkeypatch):
+    def broken():
+        raise RuntimeError("decoder exploded")
+
+    with monkeypatch.context() as m:
+        m.setattr(lm.tokenizer, "stream_decoder", broken)
+        stream = client.chat.completions.create(
+            model=NAME, messages=MESSAGES, max_tokens=4, stream=True
+        )
+        with pytest.raises(openai.APIError, match="decoder exploded"):
+            list(stream)
+    reply = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=4)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_smollm2_answers_and_embeds():
+    from models import hub, load_pretrained
+
+    try:
+        lm = load_pretrained("smollm2-135m-instruct")
+        embedder = load_pretrained("all-minilm-l6-v2")
+    except hub.PackageUnavailable as e:
+        pytest.skip(f"weights unavailable: {e}")
+    app = create_app(
+        lm,
+        model_name="smollm2-135m-instruct",
+        embedder=embedder,
+        embedding_model_name="all-minilm-l6-v2",
+    )
+    live = LiveServer(app)
+    try:
+        client = live.client(api_key="unused")
+        reply = client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=32,
+            temperature=0,
+        )
+        assert "Paris" in reply.choices[0].message.content
+        texts = ["The cat sits on the mat.", "A cat is on a mat.", "Stock markets fell."]
+        result = client.embeddings.create(model="all-minilm-l6-v2", input=texts)
+        vectors = np.array([d.embedding for d in result.data])
+        np.testing.assert_allclose(vectors, embedder.embed(texts), atol=1e-5)
+        assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+    finally:
+        live.stop()
