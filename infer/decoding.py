@@ -33,31 +33,35 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+# Sampling settings are traced values (one compilation serves every temperature and top_p);
+# only greedy-or-not and top_k (a shape) are static.
 @functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "temperature", "top_k", "top_p"),
-    donate_argnames=("cache",),
+    jax.jit, static_argnames=("graphdef", "greedy", "top_k"), donate_argnames=("cache",)
 )
-def _prefill(graphdef, state, tokens, length, cache, key, temperature, top_k, top_p):
+def _prefill(graphdef, state, tokens, length, cache, key, greedy, temperature, top_k, top_p):
     """Runs the padded prompt [1, P] through the model; samples the token after `length`."""
     model = nnx.merge(graphdef, state)
     logits, cache = model(tokens, cache=cache, logits_positions=jnp.reshape(length - 1, (1,)))
     # Slots past the real prompt hold padding's keys: move the cursor back so they are masked
     # and then overwritten.
     cache = cache._replace(index=jnp.full_like(cache.index, length))
-    return sample_logits(logits[:, 0], key, temperature, top_k, top_p), cache
+    return _sample(logits[:, 0], key, greedy, temperature, top_k, top_p), cache
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "temperature", "top_k", "top_p"),
-    donate_argnames=("cache",),
+    jax.jit, static_argnames=("graphdef", "greedy", "top_k"), donate_argnames=("cache",)
 )
-def _decode_step(graphdef, state, token, cache, key, temperature, top_k, top_p):
+def _decode_step(graphdef, state, token, cache, key, greedy, temperature, top_k, top_p):
     """Feeds one token [1] and samples the next one."""
     model = nnx.merge(graphdef, state)
     logits, cache = model(token[:, None], cache=cache)
-    return sample_logits(logits[:, -1], key, temperature, top_k, top_p), cache
+    return _sample(logits[:, -1], key, greedy, temperature, top_k, top_p), cache
+
+
+def _sample(logits, key, greedy, temperature, top_k, top_p):
+    if greedy:
+        return sample_logits(logits, key, 0.0)
+    return sample_logits(logits, key, temperature, top_k, top_p)
 
 
 def _split(model: nnx.Module):
@@ -112,7 +116,12 @@ def stream_token_ids(
     tokens = np.zeros((1, padded), np.int32)
     tokens[0, :n] = prompt_ids
     cache = model.init_cache(1, cache_len)
-    sampling = dict(temperature=float(temperature), top_k=top_k, top_p=float(top_p))
+    sampling = dict(
+        greedy=temperature == 0,
+        temperature=jnp.float32(temperature),
+        top_k=top_k,
+        top_p=jnp.float32(top_p),
+    )
     key = jax.random.key(seed)
     key, sub = jax.random.split(key)
     token, cache = _prefill(graphdef, state, jnp.asarray(tokens), n, cache, sub, **sampling)

@@ -17,35 +17,37 @@ from flax import nnx
 def sample_logits(
     logits: jax.Array,
     key: jax.Array,
-    temperature: float,
+    temperature: float | jax.Array,
     top_k: int | None = None,
-    top_p: float = 1.0,
+    top_p: float | jax.Array = 1.0,
 ) -> jax.Array:
     """Draws one token per row from [B, V] logits.
 
     Args:
       logits: [B, V] scores.
       key: PRNG key.
-      temperature: softmax temperature; 0 is greedy (argmax, key unused).
-      top_k: keep only the k highest-scoring tokens (None: all).
+      temperature: softmax temperature; a Python 0 is greedy (argmax, key unused). May be a
+        traced scalar, so one compiled step serves every temperature.
+      top_k: keep only the k highest-scoring tokens (None: all); static.
       top_p: nucleus sampling (Holtzman et al. 2020): keep the smallest set of most likely
-        tokens whose probability adds up to at least top_p (1.0: all).
+        tokens whose probability adds up to at least top_p (1.0: all). May be traced.
 
     Returns:
       [B] int32 token ids.
     """
-    if temperature == 0.0:
+    if isinstance(temperature, (int, float)) and temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
+    if not (isinstance(top_p, (int, float)) and top_p >= 1.0):
         ordered = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(ordered, axis=-1)
         # A token stays if the tokens ranked above it hold less than top_p (so the top one
-        # always stays); ties with the last kept score stay too.
-        kept = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        # always stays); ties with the last kept score stay too. top_p >= 1 keeps everything,
+        # whatever the rounding of the cumulative sum.
+        kept = ((jnp.cumsum(probs, axis=-1) - probs) < top_p) | (top_p >= 1.0)
         threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

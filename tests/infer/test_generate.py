@@ -146,3 +146,12 @@ def test_chat_loop_keeps_the_conversation(lm):
     # The second reply was generated with the first exchange in its prompt.
     first_turn = messages[:3]
     assert messages[4]["content"] == generate(lm, first_turn + [messages[3]], max_tokens=5).strip()
+
+
+def test_new_sampling_settings_reuse_the_compiled_steps(model):
+    from infer import decoding
+
+    list(stream_token_ids(model, [1, 2, 3], 4, temperature=0.7, top_p=0.9))
+    sizes = decoding._prefill._cache_size(), decoding._decode_step._cache_size()
+    list(stream_token_ids(model, [1, 2, 3], 4, temperature=1.3, top_p=0.5, seed=4))
+    assert (decoding._prefill._cache_size(), decoding._decode_step._cache_size()) == sizes
