@@ -97,3 +97,45 @@ def make_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     config.train.sample_tokens = 10
     config.train.progress_bar = False
     return config
+
+
+def shakespeare_char_config() -> ml_collections.ConfigDict:
+    """The character-level Shakespeare setting every family's config starts from.
+
+    nanoGPT's CPU "baby GPT" budget: 4 layers, 4 heads, 128 dims, MLP 512, context 64, batch 12,
+    2000 steps of AdamW at 1e-3 -> 1e-4 (cosine, 100 warmup steps). Configs then switch the
+    architecture (positions, norms, objective) on top.
+    """
+    config = base_config()
+    config.data.source = "shakespeare"  # or any .txt file / directory of texts
+    config.data.tokenizer = "char"
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.min_learning_rate = 1e-4
+    config.optimizer.warmup_steps = 100
+
+    m = config.model
+    m.num_layers, m.num_heads, m.embed_dim, m.mlp_dim = 4, 4, 128, 512
+    m.max_seq_len = config.data.seq_len = 64
+    m.scan_unroll = m.num_layers  # small model on CPU: unrolled layers run ~30% faster
+    config.data.batch_size = 12
+    config.data.eval_batch_size = 128  # evaluation is forward-only: bigger batches, fewer calls
+    config.train.num_steps = 2000
+    config.train.eval_every = 500
+    config.train.checkpoint_every = 1000
+    return config
+
+
+def tiny_char_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `:runlocal` variant of a shakespeare_char_config: 2 tiny layers, 20 steps."""
+    m = config.model
+    m.num_layers, m.num_heads, m.embed_dim, m.mlp_dim = 2, 2, 32, 64
+    m.scan_unroll = 1
+    config.train.num_steps = 20
+    config.optimizer.warmup_steps = 2
+    config.train.log_every = config.train.eval_every = 10
+    config.train.checkpoint_every = 10
+    config.data.eval_batches = 4
+    config.data.eval_batch_size = 0  # = batch_size, so tiny corpora fill a batch
+    config.train.sample_tokens = 20
+    config.train.progress_bar = False
+    return config
