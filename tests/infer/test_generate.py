@@ -1,62 +1,24 @@
 """The KV-cached decode loop and `generate`: equal to recomputing from scratch, sampling rules."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tokenizers
-from flax import nnx
+from tiny_lm import tiny_lm
 
 from infer import generate
 from infer.decoding import PROMPT_BUCKET, stream_token_ids
 from infer.sampling import sample_logits
-from models import Decoder, ModelConfig
-from models.tokenizer import Tokenizer
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
-def model():
-    cfg = ModelConfig(
-        vocab_size=300,
-        num_layers=2,
-        embed_dim=32,
-        num_heads=4,
-        num_kv_heads=2,
-        mlp_dim=64,
-        max_seq_len=160,
-        init_std=0.2,
-    )
-    return Decoder(cfg, rngs=nnx.Rngs(0))
+def lm():
+    return tiny_lm()
 
 
 @pytest.fixture(scope="module")
-def lm(model):
-    # A byte-level BPE with no merges: one token per byte, plus two special tokens.
-    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, []))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = tokenizers.decoders.ByteLevel()
-    backend.add_special_tokens(["<s>", "</s>"])
-    tokenizer = Tokenizer(
-        backend,
-        special_tokens={"bos_token": "<s>", "eos_token": "</s>"},
-        chat_template=CHAT_TEMPLATE,
-    )
-
-    @dataclasses.dataclass
-    class LM:
-        model: Decoder
-        tokenizer: Tokenizer
-
-    return LM(model, tokenizer)
+def model(lm):
+    return lm.model
 
 
 def greedy_without_cache(model, prompt, steps):

@@ -5,7 +5,6 @@ all-MiniLM-L6-v2 are the slow, data-marked ones.
 """
 
 import asyncio
-import dataclasses
 import json
 import socket
 import threading
@@ -13,57 +12,19 @@ import time
 
 import numpy as np
 import pytest
-import tokenizers
-from flax import nnx
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
+from tiny_lm import tiny_lm  # noqa: E402
+
 from infer import generate  # noqa: E402
 from infer.serve import StopStrings, create_app  # noqa: E402
-from models import Decoder, ModelConfig  # noqa: E402
-from models.tokenizer import Tokenizer  # noqa: E402
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
-)
 NAME = "tiny"
 KEY = "sk-test"
 MESSAGES = [{"role": "user", "content": "Hello there"}]
-
-
-@dataclasses.dataclass
-class LM:
-    model: Decoder
-    tokenizer: Tokenizer
-
-
-def tiny_lm() -> LM:
-    cfg = ModelConfig(
-        vocab_size=300,
-        num_layers=2,
-        embed_dim=32,
-        num_heads=4,
-        num_kv_heads=2,
-        mlp_dim=64,
-        max_seq_len=160,
-        init_std=0.2,
-    )
-    # A byte-level BPE with no merges: one token per byte, plus two special tokens.
-    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, []))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = tokenizers.decoders.ByteLevel()
-    backend.add_special_tokens(["<s>", "</s>"])
-    tokenizer = Tokenizer(
-        backend,
-        special_tokens={"bos_token": "<s>", "eos_token": "</s>"},
-        chat_template=CHAT_TEMPLATE,
-    )
-    return LM(Decoder(cfg, rngs=nnx.Rngs(0)), tokenizer)
 
 
 class LiveServer:
