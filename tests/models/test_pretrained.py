@@ -88,7 +88,7 @@ def test_smollm2_export_round_trip(smollm2, tmp_path):
 @pytest.mark.data
 def test_minilm_embeddings_match_sentence_transformers(minilm):
     ref = json.loads((FIXTURES / "minilm_reference.json").read_text())
-    for sentence, ids in zip(ref["sentences"], ref["token_ids"]):
+    for sentence, ids in zip(ref["sentences"], ref["token_ids"], strict=True):
         assert minilm.tokenizer.encode(sentence, add_special_tokens=True) == ids
     ours = minilm.embed(ref["sentences"], batch_size=4)  # two batches, the second padded
     expected = np.asarray(ref["embeddings"], np.float32)

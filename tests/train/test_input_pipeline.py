@@ -176,7 +176,7 @@ def test_span_corruption_batches_reconstruct_resume_and_change_per_epoch():
     assert batch["inputs"].shape == (5, span.input_length)
     assert batch["targets"].shape == batch["decoder_inputs"].shape == (5, span.target_length)
     originals = {tuple(row) for row in windows}
-    for inputs, targets in zip(batch["inputs"], batch["targets"]):
+    for inputs, targets in zip(batch["inputs"], batch["targets"], strict=True):
         assert tuple(span.reconstruct(inputs, targets)) in originals
     state = iterator.get_state()
     expected = _take(iterator, 3)
@@ -189,7 +189,7 @@ def test_span_corruption_batches_reconstruct_resume_and_change_per_epoch():
     # The same window gets a different span layout in a later epoch.
     layouts = {}
     for batch in first_epoch + expected:
-        for inputs, targets in zip(batch["inputs"], batch["targets"]):
+        for inputs, targets in zip(batch["inputs"], batch["targets"], strict=True):
             key = tuple(span.reconstruct(inputs, targets))
             layouts.setdefault(key, set()).add(tuple(inputs))
     assert any(len(v) > 1 for v in layouts.values())
