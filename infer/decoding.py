@@ -64,15 +64,6 @@ def _sample(logits, key, greedy, temperature, top_k, top_p):
     return sample_logits(logits, key, temperature, top_k, top_p)
 
 
-def _split(model: nnx.Module):
-    """(graphdef, state) of a model, computed once per model object."""
-    cached = getattr(model, "_jaxlm_split", None)
-    if cached is None:
-        cached = nnx.split(model)
-        object.__setattr__(model, "_jaxlm_split", cached)
-    return cached
-
-
 def stream_token_ids(
     model: nnx.Module,
     prompt_ids: Sequence[int],
@@ -110,7 +101,7 @@ def stream_token_ids(
     max_tokens = min(max_tokens, cfg.max_seq_len - n)
     if max_tokens <= 0:
         return
-    graphdef, state = _split(model)
+    graphdef, state = nnx.split(model)  # per request; the jitted steps take state as input
     padded = min(_round_up(n, PROMPT_BUCKET), cfg.max_seq_len)
     cache_len = min(_round_up(max(n + max_tokens, padded), CACHE_BUCKET), cfg.max_seq_len)
     tokens = np.zeros((1, padded), np.int32)

@@ -162,7 +162,11 @@ def fill_blank(
     tokens = jnp.asarray([context + [start_id]], jnp.int32)
     positions = jnp.asarray([list(range(n)) + [mask_index]], jnp.int32)
     blocks = jnp.asarray([[0] * n + [1]], jnp.int32)
-    step = _glm_step(model)
+    graphdef, state = nnx.split(model)
+
+    def step(*args):
+        return _glm_step(graphdef, state, *args)
+
     out: list[int] = []
     next_token, cache = step(tokens, positions, blocks, cache, jnp.asarray([n], jnp.int32))
     for k in range(max_tokens):
@@ -180,14 +184,10 @@ def fill_blank(
     return out
 
 
-def _glm_step(model: nnx.Module):
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def step(state, tokens, positions, blocks, cache, prefix_len):
-        logits, cache = nnx.merge(graphdef, state)(
-            tokens, positions=positions, cache=cache, block_positions=blocks, prefix_len=prefix_len
-        )
-        return jnp.argmax(logits[:, -1], axis=-1), cache
-
-    return functools.partial(step, state)
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _glm_step(graphdef, state, tokens, positions, blocks, cache, prefix_len):
+    """One greedy GLM step; compiled once per (prompt length, cache length) shape."""
+    logits, cache = nnx.merge(graphdef, state)(
+        tokens, positions=positions, cache=cache, block_positions=blocks, prefix_len=prefix_len
+    )
+    return jnp.argmax(logits[:, -1], axis=-1), cache

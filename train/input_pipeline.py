@@ -157,20 +157,6 @@ def make_eval_batches(
       A list of {"inputs", "targets"}: int32 [batch_size // process_count, seq_len].
     """
     local_batch = _per_process_batch(batch_size, process_index, process_count)
-    if span_corruption is not None:
-        rows = packed[process_index::process_count]
-        examples = [
-            span_corruption.corrupt(row, np.random.default_rng([process_index, i]))
-            for i, row in enumerate(rows)
-        ]
-        packed = np.arange(len(examples))  # batch indices; examples are gathered below
-
-        def to_example(indices: np.ndarray) -> dict[str, np.ndarray]:
-            return {k: np.stack([examples[i][k] for i in indices]) for k in examples[0]}
-
-        process_index, process_count = 0, 1
-    else:
-        to_example = _to_example
     num_batches = (len(packed) // process_count) // local_batch
     if num_batches == 0:
         raise ValueError(
@@ -180,7 +166,19 @@ def make_eval_batches(
     if max_batches:
         num_batches = min(num_batches, max_batches)
     rows = packed[process_index::process_count][: num_batches * local_batch]
-    return [to_example(rows[i * local_batch : (i + 1) * local_batch]) for i in range(num_batches)]
+    batches = [rows[i * local_batch : (i + 1) * local_batch] for i in range(num_batches)]
+    if span_corruption is None:
+        return [_to_example(batch) for batch in batches]
+    # Each row's span layout is seeded by its global row index: the same however many
+    # processes share the evaluation.
+    batches_out = []
+    for b, batch in enumerate(batches):
+        examples = []
+        for j, row in enumerate(batch):
+            global_row = process_index + (b * local_batch + j) * process_count
+            examples.append(span_corruption.corrupt(row, np.random.default_rng(global_row)))
+        batches_out.append({k: np.stack([e[k] for e in examples]) for k in examples[0]})
+    return batches_out
 
 
 @dataclasses.dataclass(frozen=True)
