@@ -1,4 +1,7 @@
-"""Token sampling from a decoder: KV-cached when the text fits the context, sliding otherwise.
+"""Token sampling: the sampling rule, the trainer's sampler, and T5 / GLM blank filling.
+
+`sample` continues a prompt with the KV-cached loop of `infer.decoding` when the text fits the
+context, and slides a window over it otherwise.
 
 This is the small, dependable path the trainer and notebooks use to print samples; each step
 function is jitted once per (batch, length) shape and reused for every token.
@@ -54,13 +57,6 @@ def sample_logits(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k"))
-def _cached_step(graphdef, state, tokens, cache, key, temperature, top_k):
-    model = nnx.merge(graphdef, state)
-    logits, cache = model(tokens, cache=cache)
-    return sample_logits(logits[:, -1], key, temperature, top_k), cache
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k"))
 def _window_step(graphdef, state, window, length, key, temperature, top_k):
     model = nnx.merge(graphdef, state)
     logits = model(window)
@@ -89,21 +85,17 @@ def sample(
     if not prompt:
         raise ValueError("sample() needs a non-empty prompt (e.g. a newline or BOS token)")
     cfg = model.cfg
+    if len(prompt) + max_new_tokens <= cfg.max_seq_len:
+        from infer.decoding import stream_token_ids  # the KV-cached loop generation uses
+
+        return list(
+            stream_token_ids(
+                model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed
+            )
+        )
     graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
     out: list[int] = []
-    total = len(prompt) + max_new_tokens
-    if total <= cfg.max_seq_len:
-        cache = model.init_cache(1, total)
-        tokens = jnp.asarray([prompt], jnp.int32)
-        for _ in range(max_new_tokens):
-            key, sub = jax.random.split(key)
-            next_token, cache = _cached_step(
-                graphdef, state, tokens, cache, sub, temperature, top_k
-            )
-            out.append(int(next_token[0]))
-            tokens = next_token[:, None]
-        return out
     # The text outgrows the context: slide a fixed window (as nanoGPT's sampler crops).
     window_len = cfg.max_seq_len
     history = list(prompt)
