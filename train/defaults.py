@@ -29,6 +29,25 @@ def model_config_dict(model: ModelConfig | None = None) -> ml_collections.Config
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = model_config_dict()
+    # Fine-tuning: a pretrained model to start from (a registry name such as
+    # "smollm2-135m-instruct", a .gguf file or a Hugging Face dir); its architecture and
+    # tokenizer replace config.model's, of which only the numerics (dtype, param_dtype,
+    # remat_policy, scan_unroll, attention_impl, quant) apply. "" trains config.model from scratch.
+    config.init_from = ""
+    config.lora = ml_collections.ConfigDict()
+    config.lora.rank = 0  # 0 = train every parameter; > 0 = train only LoRA adapters
+    config.lora.alpha = 16.0
+    config.lora.dropout = 0.0
+    config.lora.targets = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    config.lora.rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "shakespeare"  # or a path to a .txt file or a directory of texts
@@ -47,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.objective = "causal_lm"
     config.data.noise_density = 0.15  # span corruption: fraction of tokens corrupted
     config.data.mean_span_length = 3.0  # span corruption: mean corrupted span length
+    # sft (with init_from): data.source is a chat JSONL file ({"messages": [...]} per line) or
+    # "britannica_qa" (train.sft_britannica); val_source the held-out JSONL ("" for the
+    # built-in set's held-out split). The loss counts assistant tokens only.
+    config.data.val_source = ""
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 1e-3
@@ -73,6 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.sample_prompt = "\n"
     config.train.sample_temperature = 0.8
     config.train.sample_top_k = 0  # 0 = no top-k
+    config.train.answer_eval = 0  # fine-tuning: greedy replies to this many held-out chats
+    config.train.answer_max_tokens = 24
     config.train.progress_bar = True
     config.train.tensorboard = True
     config.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = look up the device

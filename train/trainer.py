@@ -27,11 +27,13 @@ from infer.sampling import fill_blank, fill_spans, sample
 from models import build_model
 from models.config import ModelConfig
 from models.decoder import Decoder
+from train import finetune
 from train.checkpoint import Checkpointer
 from train.input_pipeline import DataBundle, build_datasets
 from train.metrics import MetricWriter, progress_bar
 from train.objectives import BlankInfilling
 from train.optimizer import make_optimizer
+from train.sft import build_sft_datasets, held_out_conversations
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,11 @@ def init_train_state(
     return graphdef, state
 
 
+def merge(graphdef: nnx.GraphDef, params: dict, frozen: dict | None) -> nnx.Module:
+    """The model from its trainable params and, when fine-tuning, the frozen rest."""
+    return nnx.merge(graphdef, params, frozen) if frozen else nnx.merge(graphdef, params)
+
+
 def forward(model: nnx.Module, batch: dict, dropout_key: jax.Array | None = None) -> jax.Array:
     """Logits for the batch's targets: a decoder reads "inputs" (with GLM's 2D positions and
     prefix length when present); an encoder-decoder (span corruption) encodes "inputs" and
@@ -141,23 +148,25 @@ def forward(model: nnx.Module, batch: dict, dropout_key: jax.Array | None = None
 def make_train_step(
     graphdef, optimizer, z_loss: float, grad_accum_steps: int, dropout: bool, jit: bool = True
 ):
-    """A jitted step: (state, batch, key) -> (state, metrics). Skips the update on NaN/inf.
+    """A jitted step: (state, batch, key, frozen=None) -> (state, metrics). Skips the update on
+    NaN/inf. `frozen` is the untrained part of a fine-tuned model (LoRA's base weights); only
+    state["params"] get gradients and optimizer updates.
 
     `jit=False` returns the plain function, for `parallel.train` to jit with shardings.
     """
 
-    def loss_fn(params, batch, key):
-        logits = forward(nnx.merge(graphdef, params), batch, key if dropout else None)
+    def loss_fn(params, batch, key, frozen):
+        logits = forward(merge(graphdef, params, frozen), batch, key if dropout else None)
         total, ce, count = cross_entropy(logits, batch["targets"], batch.get("weights"), z_loss)
         return total, (ce, count)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step_fn(state, batch, base_key):
+    def step_fn(state, batch, base_key, frozen=None):
         key = jax.random.fold_in(base_key, state["step"])
         params = state["params"]
         if grad_accum_steps == 1:
-            (loss, (ce, _)), grads = grad_fn(params, batch, key)
+            (loss, (ce, _)), grads = grad_fn(params, batch, key, frozen)
         else:
             micro = jax.tree.map(lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)
 
@@ -166,7 +175,7 @@ def make_train_step(
                 # full batch's token mean even when masks leave micro-batches uneven.
                 micro_batch, i = xs
                 (loss, (ce, count)), grads = grad_fn(
-                    params, micro_batch, jax.random.fold_in(key, i)
+                    params, micro_batch, jax.random.fold_in(key, i), frozen
                 )
                 carry = jax.tree.map(lambda c, x: c + x * count, carry, (loss, ce, grads))
                 return carry, count
@@ -199,19 +208,19 @@ def make_train_step(
 
 def make_eval_step(graphdef):
     @jax.jit
-    def eval_step(params, batch):
-        logits = forward(nnx.merge(graphdef, params), batch)
+    def eval_step(params, batch, frozen=None):
+        logits = forward(merge(graphdef, params, frozen), batch)
         _, ce, count = cross_entropy(logits, batch["targets"], batch.get("weights"), 0.0)
         return ce * count, count
 
     return eval_step
 
 
-def evaluate(eval_step, params, batches: list[dict]) -> dict[str, float]:
+def evaluate(eval_step, params, batches: list[dict], frozen=None) -> dict[str, float]:
     """Token-weighted mean loss and perplexity over the validation batches."""
     total, count = 0.0, 0.0
     for batch in batches:
-        loss_sum, n = eval_step(params, batch)
+        loss_sum, n = eval_step(params, batch, frozen)
         total, count = total + loss_sum, count + n
     loss = float(total / count)
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
@@ -244,6 +253,15 @@ def sample_text(graphdef, params, data: DataBundle, config, seed: int = 0) -> st
         seed=seed,
     )
     return tcfg.sample_prompt + data.tokenizer.decode(tokens)
+
+
+def answer_eval(graphdef, params, frozen, data: DataBundle, config) -> tuple[float, list]:
+    """Greedy replies to the first train.answer_eval held-out conversations (fine-tuning)."""
+    conversations = held_out_conversations(config.data)[: config.train.answer_eval]
+    model = merge(graphdef, params, frozen)
+    return finetune.answer_accuracy(
+        model, data.tokenizer, conversations, config.train.answer_max_tokens
+    )
 
 
 def fill_spans_text(model, data: DataBundle) -> str:
@@ -304,6 +322,10 @@ def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | pathlib.Path
 ) -> TrainResult:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+    if config.get("task", "lm") == "contrastive":  # CLIP-style image-text training
+        from train.contrastive import train_and_evaluate as train_contrastive
+
+        return train_contrastive(config, workdir)
     start_time = time.time()
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -316,9 +338,26 @@ def train_and_evaluate(
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     optimizer, schedule = make_optimizer(config.optimizer, tcfg.num_steps)  # fail before data
-    data = build_datasets(config.data, workdir, jax.process_index(), jax.process_count())
-    model_cfg = model_config_from(config, data.vocab_size or data.tokenizer.vocab_size)
-    graphdef, state = init_train_state(model_cfg, optimizer, tcfg.seed)
+    process = (jax.process_index(), jax.process_count())
+    if config.init_from:  # fine-tuning: the architecture and tokenizer come from the checkpoint
+        if config.data.objective != "sft":
+            raise ValueError("init_from (fine-tuning) supports data.objective='sft' only")
+        model, model_cfg, tokenizer = finetune.load_base(config)
+        data = build_sft_datasets(config.data, tokenizer, *process)
+        tokenizer.save_hf(workdir / "tokenizer")
+    else:
+        if config.data.objective == "sft":
+            raise ValueError("data.objective='sft' needs init_from: a pretrained chat model")
+        data = build_datasets(config.data, workdir, *process)
+        model_cfg = model_config_from(config, data.vocab_size or data.tokenizer.vocab_size)
+        model = build_model(model_cfg, nnx.Rngs(params=tcfg.seed))
+    graphdef, params, frozen = finetune.prepare(model, config, tcfg.seed)
+    del model  # its arrays live on in params and frozen
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": optimizer.init(params),
+    }
     (workdir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2))
 
     checkpointer = Checkpointer(
@@ -340,13 +379,25 @@ def train_and_evaluate(
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = model_cfg.flops_per_token(config.data.seq_len) * tokens_per_step
     peak = peak_flops(tcfg.peak_flops)
+    trainable = finetune.count_params(params)
+    # The base's parameter count (quantized arrays pack several weights per element), plus adapters.
+    total_params = model_cfg.num_params() + (trainable if config.lora.rank else 0)
     print(
-        f"Model: {model_cfg.num_params() / 1e6:.2f}M parameters, vocab {model_cfg.vocab_size}; "
-        f"train {data.num_train_tokens:,} tokens, val {data.num_val_tokens:,} tokens",
+        f"Model: {total_params / 1e6:.2f}M parameters ({trainable / total_params:.2%} trained), "
+        f"vocab {model_cfg.vocab_size}; train {data.num_train_tokens:,} tokens, "
+        f"val {data.num_val_tokens:,} tokens",
         flush=True,
     )
 
     writer = MetricWriter(workdir, tensorboard=tcfg.tensorboard)
+    answers_before = None
+    if config.init_from and start_step == 0:  # the pretrained model's numbers, to compare with
+        before = evaluate(eval_step, state["params"], data.eval_batches, frozen)
+        if tcfg.answer_eval:
+            answers_before = answer_eval(graphdef, state["params"], frozen, data, config)
+            before["answer_exact_match"] = answers_before[0]
+        writer.write(0, before)
+        print(f"Before fine-tuning: {before}", flush=True)
     bar = progress_bar(tcfg.num_steps, start_step, enabled=tcfg.progress_bar)
     last_metrics: dict[str, Any] = {}
     val_loss = None
@@ -372,11 +423,15 @@ def train_and_evaluate(
     try:
         for step in range(start_step, tcfg.num_steps):
             batch = next(train_iter)
-            state, metrics = train_step(state, batch, base_key)
+            state, metrics = train_step(state, batch, base_key, frozen)
             finite_flags.append(metrics["finite"])
             if step == start_step:  # the first call compiles: keep it out of the step times
                 jax.block_until_ready(metrics)
-                writer.write(step + 1, {"compile_time_s": time.perf_counter() - window_start})
+                compiled = time.perf_counter() - window_start
+                writer.write(
+                    step + 1,
+                    {"compile_time_s": compiled, "params": total_params, "trained": trainable},
+                )
                 window_start = time.perf_counter()
             else:
                 window_steps += 1
@@ -403,7 +458,7 @@ def train_and_evaluate(
                 writer.write(done, last_metrics)
                 window_start, window_steps = time.perf_counter(), 0
             if done % tcfg.eval_every == 0 or is_last:
-                eval_metrics = evaluate(eval_step, state["params"], data.eval_batches)
+                eval_metrics = evaluate(eval_step, state["params"], data.eval_batches, frozen)
                 val_loss = eval_metrics["val_loss"]
                 writer.write(done, eval_metrics)
                 bar.write(
@@ -415,16 +470,28 @@ def train_and_evaluate(
                 check_finite(done)
                 save(done)
             bar.update(1)
+        if config.init_from and tcfg.answer_eval:
+            accuracy, rows = answer_eval(graphdef, state["params"], frozen, data, config)
+            writer.write(tcfg.num_steps, {"answer_exact_match": accuracy})
+            report = {"after": {"exact_match": accuracy, "answers": rows}}
+            if answers_before is not None:
+                report["before"] = {"exact_match": answers_before[0], "answers": answers_before[1]}
+            (workdir / "answers.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+            print(
+                f"Held-out exact answers: {accuracy:.1%} ({workdir / 'answers.json'})", flush=True
+            )
     finally:
         bar.close()
         checkpointer.close()
         writer.close()
 
     samples = []
-    if tcfg.sample_tokens:
+    if tcfg.sample_tokens and not config.init_from:
         text = sample_text(graphdef, state["params"], data, config, seed=tcfg.seed)
         samples.append(text)
         print("-" * 30 + " sample " + "-" * 30 + f"\n{text}\n" + "-" * 68, flush=True)
+    if config.lora.rank and jax.process_index() == 0:
+        finetune.save_adapter(merge(graphdef, state["params"], frozen), config, workdir / "adapter")
     elapsed = time.time() - start_time
     print(f"Done: step {tcfg.num_steps}, val loss {val_loss}, {elapsed:.0f} s", flush=True)
     return TrainResult(

@@ -189,15 +189,15 @@ def test_a_transient_non_finite_step_between_checks_stops_the_run(
     def make_train_step_with_one_bad_batch(*args, **kwargs):
         step_fn = real_make_train_step(*args, **kwargs)
 
-        def step_with_one_bad_batch(state, batch, key):
+        def step_with_one_bad_batch(state, batch, key, frozen=None):
             if int(state["step"]) != 1:
-                return step_fn(state, batch, key)
+                return step_fn(state, batch, key, frozen)
             # Poison a weight for this one step: the real step sees a NaN loss and skips the
             # update; then restore it, as if only this batch had been bad.
             scale = state["params"]["final_norm"]["scale"]
             good = jnp.array(scale)  # a copy: the step donates its input state
             state["params"]["final_norm"]["scale"] = scale.at[0].set(jnp.nan)
-            state, metrics = step_fn(state, batch, key)
+            state, metrics = step_fn(state, batch, key, frozen)
             assert not bool(metrics["finite"])
             state["params"]["final_norm"]["scale"] = good
             return state, metrics
