@@ -92,8 +92,9 @@ class Decoder(nnx.Module):
           segment_ids: [B, T] packing ids, 0 = padding; None means one sequence per row.
           cache: a stacked KVCache from `init_cache` (leading L axis), or None.
           dropout_key: a PRNG key to enable dropout (training); None disables it.
-          logits_positions: [B] indices into T: compute the logits only there (prefill needs
-            just the last real prompt position), giving [B, 1, V].
+          logits_positions: [B] or [B, P] indices into T: compute the logits only there,
+            giving [B, 1, V] or [B, P, V] (prefill needs just the last real prompt position;
+            fine-tuning just the positions its loss counts).
           block_positions: [B, T] positions inside a generated span (GLM; 0 in the context);
             used when cfg.block_positions, default all 0.
           prefix_len: [B] prefix-LM boundary: tokens before it attend to each other both ways,
@@ -125,7 +126,8 @@ class Decoder(nnx.Module):
         x, new_cache = scan_blocks(self.blocks, x, positions, segment_ids, cache, keys[1], **shared)
 
         if logits_positions is not None:
-            x = jnp.take_along_axis(x, logits_positions[:, None, None], axis=1)
+            index = logits_positions[:, None] if logits_positions.ndim == 1 else logits_positions
+            x = jnp.take_along_axis(x, index[..., None], axis=1)
         x = self.final_norm(x)
         if cfg.tie_embeddings:
             logits = self.embed.attend(x)

@@ -127,6 +127,29 @@ class PackedSFT:
             "positions": self.positions,
         }
 
+    def loss_positions(self, multiple: int = 8) -> dict[str, np.ndarray]:
+        """The rows with their loss gathered to the P positions that count, [num_rows, P].
+
+        Assistant tokens are a small share of a chat, so the model computes logits only at
+        `loss_positions` (models.Decoder's logits_positions): the LM head over a 49k vocabulary
+        would otherwise cost about a fifth of a small model's step. `targets` and `weights`
+        become [num_rows, P]; P (the most any row needs, rounded up to `multiple`) is the same
+        for every row, so one compiled step serves every batch.
+        """
+        counts = (self.weights > 0).sum(axis=1)
+        width = max(multiple, -(-int(counts.max()) // multiple) * multiple)
+        shape = (len(self.inputs), width)
+        positions = np.zeros(shape, np.int32)
+        targets = np.zeros(shape, np.int32)
+        weights = np.zeros(shape, np.float32)
+        for r in range(len(self.inputs)):
+            where = np.flatnonzero(self.weights[r] > 0)
+            positions[r, : len(where)] = where
+            targets[r, : len(where)] = self.targets[r, where]
+            weights[r, : len(where)] = self.weights[r, where]
+        rows = {k: v for k, v in self.as_dict().items() if k not in ("targets", "weights")}
+        return {**rows, "loss_positions": positions, "targets": targets, "weights": weights}
+
 
 def pack_examples(
     examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int = 0
@@ -253,7 +276,8 @@ def build_sft_datasets(config: Any, tokenizer, process_index: int = 0, process_c
                 f"sft: {packed.num_truncated} {name} conversations cut to seq_len={config.seq_len}"
             )
 
-    rows = [{k: v[i] for k, v in train.as_dict().items()} for i in range(len(train.inputs))]
+    train_rows = train.loss_positions()
+    rows = [{k: v[i] for k, v in train_rows.items()} for i in range(len(train.inputs))]
     rows = rows[process_index::process_count]
     if len(rows) < local_batch:
         raise SFTDataError(
@@ -272,7 +296,7 @@ def build_sft_datasets(config: Any, tokenizer, process_index: int = 0, process_c
     eval_batch = _per_process_batch(
         config.get("eval_batch_size") or config.batch_size, process_index, process_count
     )
-    val_rows = {k: v[process_index::process_count] for k, v in val.as_dict().items()}
+    val_rows = {k: v[process_index::process_count] for k, v in val.loss_positions().items()}
     num_batches = -(-len(val.inputs) // (eval_batch * process_count))  # same on every process
     if config.eval_batches:
         num_batches = min(num_batches, config.eval_batches)

@@ -131,11 +131,13 @@ def merge(graphdef: nnx.GraphDef, params: dict, frozen: dict | None) -> nnx.Modu
 
 def forward(model: nnx.Module, batch: dict, dropout_key: jax.Array | None = None) -> jax.Array:
     """Logits for the batch's targets: a decoder reads "inputs" (with GLM's 2D positions and
-    prefix length when present); an encoder-decoder (span corruption) encodes "inputs" and
-    teacher-forces "decoder_inputs"."""
+    prefix length when present, and only at "loss_positions" when given); an encoder-decoder
+    (span corruption) encodes "inputs" and teacher-forces "decoder_inputs"."""
     if "decoder_inputs" in batch:
         return model(batch["inputs"], batch["decoder_inputs"], batch.get("input_mask"), dropout_key)
     extra = {k: batch[k] for k in ("block_positions", "prefix_len") if k in batch}
+    if "loss_positions" in batch:  # SFT: logits only where the loss counts (train.sft)
+        extra["logits_positions"] = batch["loss_positions"]
     return model(
         batch["inputs"],
         positions=batch.get("positions"),

@@ -129,3 +129,18 @@ def test_jsonl_round_trip(tmp_path):
     path = tmp_path / "d" / "chat.jsonl"
     sft.write_chat_jsonl(path, CONVERSATIONS)
     assert sft.load_chat_jsonl(path) == CONVERSATIONS
+
+
+def test_loss_at_gathered_positions_equals_the_full_loss(tokenizer):
+    """The compact batch (logits only where the loss counts) gives the full batch's loss."""
+    from train.trainer import cross_entropy, forward
+
+    lm = tiny_lm()
+    examples = [sft.tokenize_conversation(tokenizer, c) for c in CONVERSATIONS]
+    packed = sft.pack_examples(examples, 150, pad_id=0)
+    compact = packed.loss_positions()
+    assert compact["targets"].shape[1] % 8 == 0 < compact["targets"].shape[1] < 150
+    full = cross_entropy(forward(lm.model, packed.as_dict()), packed.targets, packed.weights, 0.0)
+    small = cross_entropy(forward(lm.model, compact), compact["targets"], compact["weights"], 0.0)
+    np.testing.assert_allclose(full[1], small[1], rtol=1e-6)
+    assert float(full[2]) == float(small[2]) == packed.weights.sum()
