@@ -82,6 +82,14 @@ def base_config() -> ml_collections.ConfigDict:
     config.optimizer.weight_decay = 0.1
     config.optimizer.grad_clip = 1.0
 
+    # Parallelism, used when more than one device is visible (parallel/): mesh axis sizes
+    # (-1 = the rest) and a rules preset: dp, fsdp, tp, dp_tp, fsdp_tp (parallel/sharding.py).
+    config.parallel = ml_collections.ConfigDict()
+    config.parallel.mesh = ml_collections.ConfigDict(
+        {"pipeline": 1, "data": -1, "fsdp": 1, "tensor": 1}
+    )
+    config.parallel.rules = "dp"
+
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 2000
     config.train.grad_accum_steps = 1

@@ -341,9 +341,12 @@ def train_and_evaluate(
 
     optimizer, schedule = make_optimizer(config.optimizer, tcfg.num_steps)  # fail before data
     process = (jax.process_index(), jax.process_count())
+    mesh = None
     if config.init_from:  # fine-tuning: the architecture and tokenizer come from the checkpoint
         if config.data.objective != "sft":
             raise ValueError("init_from (fine-tuning) supports data.objective='sft' only")
+        if jax.device_count() > 1:
+            raise ValueError("fine-tuning (init_from) runs on one device; several are visible")
         model, model_cfg, tokenizer = finetune.load_base(config)
         data = build_sft_datasets(config.data, tokenizer, *process)
         tokenizer.save_hf(workdir / "tokenizer")
@@ -352,14 +355,32 @@ def train_and_evaluate(
             raise ValueError("data.objective='sft' needs init_from: a pretrained chat model")
         data = build_datasets(config.data, workdir, *process)
         model_cfg = model_config_from(config, data.vocab_size or data.tokenizer.vocab_size)
-        model = build_model(model_cfg, nnx.Rngs(params=tcfg.seed))
-    graphdef, params, frozen = finetune.prepare(model, config, tcfg.seed)
-    del model  # its arrays live on in params and frozen
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "opt_state": optimizer.init(params),
-    }
+        if jax.device_count() == 1:
+            model = build_model(model_cfg, nnx.Rngs(params=tcfg.seed))
+        else:  # the state is created straight into its shardings over a mesh (parallel/)
+            from parallel.mesh import make_mesh
+            from parallel.train import (
+                init_sharded_train_state,
+                make_sharded_train_step,
+                shard_batch,
+            )
+
+            if config.lora.rank or config.model.get("quant", "none") != "none":
+                raise ValueError("LoRA and quantized training run on one device")
+            mesh, rules = make_mesh(config.parallel.mesh), config.parallel.rules
+            graphdef, state, shardings = init_sharded_train_state(
+                model_cfg, optimizer, tcfg.seed, mesh, rules
+            )
+            params, frozen = state["params"], {}
+            print(f"Mesh {dict(mesh.shape)}, rules {rules!r}", flush=True)
+    if mesh is None:
+        graphdef, params, frozen = finetune.prepare(model, config, tcfg.seed)
+        del model  # its arrays live on in params and frozen
+        state = {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": optimizer.init(params),
+        }
     (workdir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2))
 
     checkpointer = Checkpointer(
@@ -373,10 +394,24 @@ def train_and_evaluate(
         start_step = int(state["step"])
         print(f"Resumed from step {start_step} ({workdir / 'checkpoints'})", flush=True)
 
-    train_step = make_train_step(
-        graphdef, optimizer, tcfg.z_loss, tcfg.grad_accum_steps, model_cfg.dropout_rate > 0
-    )
+    dropout = model_cfg.dropout_rate > 0
+    if mesh is None:
+        train_step = make_train_step(
+            graphdef, optimizer, tcfg.z_loss, tcfg.grad_accum_steps, dropout
+        )
+    else:
+        sharded_step = make_sharded_train_step(
+            graphdef, optimizer, mesh, rules, shardings, z_loss=tcfg.z_loss,
+            grad_accum_steps=tcfg.grad_accum_steps, dropout=dropout,
+        )  # fmt: skip
+
+        def train_step(state, batch, key, frozen):
+            return sharded_step(state, shard_batch(batch, mesh, rules), key)
+
     eval_step = make_eval_step(graphdef)
+    eval_batches = data.eval_batches
+    if mesh is not None:  # global arrays: with several processes each holds only its rows
+        eval_batches = [shard_batch(b, mesh, rules) for b in eval_batches]
     base_key = jax.random.key(tcfg.seed + 1)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step = model_cfg.flops_per_token(config.data.seq_len) * tokens_per_step
@@ -394,7 +429,7 @@ def train_and_evaluate(
     writer = MetricWriter(workdir, tensorboard=tcfg.tensorboard)
     answers_before = None
     if config.init_from and start_step == 0:  # the pretrained model's numbers, to compare with
-        before = evaluate(eval_step, state["params"], data.eval_batches, frozen)
+        before = evaluate(eval_step, state["params"], eval_batches, frozen)
         if tcfg.answer_eval:
             answers_before = answer_eval(graphdef, state["params"], frozen, data, config)
             before["answer_exact_match"] = answers_before[0]
@@ -460,7 +495,7 @@ def train_and_evaluate(
                 writer.write(done, last_metrics)
                 window_start, window_steps = time.perf_counter(), 0
             if done % tcfg.eval_every == 0 or is_last:
-                eval_metrics = evaluate(eval_step, state["params"], data.eval_batches, frozen)
+                eval_metrics = evaluate(eval_step, state["params"], eval_batches, frozen)
                 val_loss = eval_metrics["val_loss"]
                 writer.write(done, eval_metrics)
                 bar.write(

@@ -1,0 +1,68 @@
+"""`python -m train` on 8 (fake CPU) devices shards the run by config.parallel and trains the
+same model as on one device: equal losses, and a resumed sharded run continues identically."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+RUN = """
+import json, sys
+import jax
+jax.config.update("jax_disable_most_optimizations", True)
+from train.config_lib import apply_overrides, load_config_script
+from train.trainer import train_and_evaluate
+config = load_config_script("experiments/shakespeare_char.py:runlocal")
+apply_overrides(config, sys.argv[2:])
+result = train_and_evaluate(config, sys.argv[1])
+rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
+losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
+print(json.dumps({"devices": jax.device_count(), "val_loss": result.val_loss, "losses": losses}))
+"""
+
+
+def train(workdir: pathlib.Path, devices: int, *overrides: str) -> dict:
+    """Trains the runlocal char config in a fresh interpreter with `devices` CPU devices."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN, str(workdir), *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    if proc.returncode:
+        pytest.fail(f"training on {devices} devices failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    lines = [f"Line {i}: to be or not to be, that is the question {i % 7}." for i in range(400)]
+    path.write_text("\n".join(lines))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_fsdp_tp_run_matches_one_device_and_resumes(corpus, tmp_path):
+    common = ["train.num_steps=6", "train.checkpoint_every=3", "data.batch_size=8"]
+    common += [f"data.source={corpus}", "train.sample_tokens=0", "optimizer.decay_steps=6"]
+    single = train(tmp_path / "one", 1, *common)
+    sharded_args = [*common, "parallel.rules=fsdp_tp", "parallel.mesh.data=1"]
+    sharded_args += ["parallel.mesh.fsdp=-1", "parallel.mesh.tensor=2"]
+    sharded = train(tmp_path / "eight", 8, *sharded_args)
+    assert (single["devices"], sharded["devices"]) == (1, 8)
+    for step, loss in single["losses"].items():
+        assert sharded["losses"][step] == pytest.approx(loss, rel=1e-4)
+    assert sharded["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
+
+    # Stop after 3 steps, resume on the mesh: the same losses as the straight run.
+    train(tmp_path / "resumed", 8, *sharded_args, "train.num_steps=3")
+    resumed = train(tmp_path / "resumed", 8, *sharded_args)
+    assert resumed["val_loss"] == pytest.approx(sharded["val_loss"], rel=1e-5)
