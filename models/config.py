@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
+QUANT_MODES = ("none", "int8", "int4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +35,9 @@ class ModelConfig:
       max_seq_len: longest sequence (learned positions table size, KV cache default).
       norm: "layernorm" (GPT-2) or "rmsnorm" (Llama).
       norm_eps: epsilon inside the norm.
-      mlp_activation: "gelu" (tanh approximation, GPT-2), "gelu_exact" (erf, BERT), "relu"
-        (T5 v1.0), or gated: "swiglu" (Llama), "geglu" (tanh-GELU gate, T5 v1.1 / Flan-T5).
+      mlp_activation: "gelu" (tanh approximation, GPT-2), "gelu_exact" (erf, BERT),
+        "quick_gelu" (x * sigmoid(1.702 x), OpenAI CLIP), "relu" (T5 v1.0), or gated:
+        "swiglu" (Llama), "geglu" (tanh-GELU gate, T5 v1.1 / Flan-T5).
       position: "learned" (absolute table, GPT-2), "rope" (Llama), "alibi" (a per-head linear
         distance penalty on the attention scores, Press et al. 2022; BLOOM) or "relative"
         (T5's learned bias per bucket of relative distance, shared by all layers of a stack).
@@ -72,6 +74,13 @@ class ModelConfig:
         causality by token index, as training and prefill always do, and take no score bias:
         ALiBi, T5 and prefix-LM attention always use xla.
       init_std: standard deviation of the normal initialiser for weights.
+      quant: weight-only quantization of the linear projections (models/quantize.py): "none",
+        "int8" or "int4"; applied by `models.build_model` and `load_pretrained(quant=...)`.
+        The matmul dequantizes in plain JAX, or runs kernels/quant_matmul.py's Pallas kernel
+        when attention_impl resolves to "pallas" (no TPU lowering: that fails, named).
+      quant_group_size: input rows per scale (int8: 0 = one scale per output channel; int4:
+        32, 64 or 128). A group that does not divide a weight's input dim falls back to the
+        largest allowed one that does.
     """
 
     vocab_size: int
@@ -84,7 +93,9 @@ class ModelConfig:
     head_dim: int | None = None
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
     norm_eps: float = 1e-5
-    mlp_activation: Literal["gelu", "gelu_exact", "relu", "swiglu", "geglu"] = "swiglu"
+    mlp_activation: Literal["gelu", "gelu_exact", "quick_gelu", "relu", "swiglu", "geglu"] = (
+        "swiglu"
+    )
     position: Literal["learned", "rope", "alibi", "relative"] = "rope"
     rope_theta: float = 10000.0
     rope_dim: int | None = None
@@ -108,6 +119,8 @@ class ModelConfig:
     scan_unroll: int = 1
     attention_impl: str = "xla"
     init_std: float = 0.02
+    quant: str = "none"
+    quant_group_size: int = 128
     architecture: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
 
     def __post_init__(self):
@@ -143,7 +156,7 @@ class ModelConfig:
             )
         choices = {
             "norm": ("layernorm", "rmsnorm"),
-            "mlp_activation": ("gelu", "gelu_exact", "relu", "swiglu", "geglu"),
+            "mlp_activation": ("gelu", "gelu_exact", "quick_gelu", "relu", "swiglu", "geglu"),
             "norm_placement": ("pre", "post"),
             "architecture": ("decoder", "encoder", "encoder_decoder"),
             "position": ("learned", "rope", "alibi", "relative"),
@@ -170,6 +183,14 @@ class ModelConfig:
             raise ValueError(f"type_vocab_size must be >= 0, got {self.type_vocab_size!r}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if self.quant not in QUANT_MODES:
+            raise ValueError(f"quant={self.quant!r} is not one of {QUANT_MODES}")
+        groups = {"int4": (32, 64, 128), "int8": (0, 16, 32, 64, 128, 256, 512, 1024)}
+        if self.quant in groups and self.quant_group_size not in groups[self.quant]:
+            raise ValueError(
+                f"quant={self.quant!r} takes quant_group_size in {groups[self.quant]}, got "
+                f"{self.quant_group_size}"
+            )
 
     @property
     def gated_mlp(self) -> bool:
@@ -308,6 +329,28 @@ def llama3_8b() -> ModelConfig:
     )
 
 
+def llama3_2_1b() -> ModelConfig:
+    """Llama 3.2 1B (Meta): GQA 32/8 with head_dim 64, tied embeddings, 128k vocabulary.
+
+    The RoPE frequency scaling of Llama 3.1+ long context is not modelled (same shapes).
+    """
+    return ModelConfig(
+        vocab_size=128256,
+        num_layers=16,
+        embed_dim=2048,
+        num_heads=32,
+        num_kv_heads=8,
+        mlp_dim=8192,
+        max_seq_len=8192,
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        mlp_activation="swiglu",
+        position="rope",
+        rope_theta=500000.0,
+        tie_embeddings=True,
+    )
+
+
 def qwen2_0_5b() -> ModelConfig:
     """Qwen2-0.5B (Alibaba): Llama-like with q/k/v biases, GQA 14/2, tied embeddings."""
     return ModelConfig(
@@ -335,6 +378,7 @@ PRESETS = {
     "gpt2-1.5b": lambda: gpt2("1.5b"),
     "smollm2-135m": smollm2_135m,
     "llama3-8b": llama3_8b,
+    "llama3.2-1b": llama3_2_1b,
     "qwen2-0.5b": qwen2_0_5b,
 }
 

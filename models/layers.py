@@ -27,6 +27,9 @@ from models.config import ModelConfig
 # Set by parallel.sharding.use_rules(): a function (array, logical axis names) -> array that
 # applies with_sharding_constraint. Model code only ever names logical axes.
 _ACTIVATION_CONSTRAINT: list[Callable[[jax.Array, tuple[str | None, ...]], jax.Array]] = []
+# Set by parallel.pipeline.use_pipeline(): runs `scan_blocks`' layers as a pipeline, as
+# run(layer, block_state, x, dropout_keys, batch_args) -> x.
+_LAYER_STACK_RUNNER: list[Callable[..., jax.Array]] = []
 
 
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
@@ -58,6 +61,36 @@ def project(x: jax.Array, w: jax.Array, num_contract: int = 1) -> jax.Array:
     lead = x.shape[: x.ndim - num_contract]
     y = x.reshape(-1, contract) @ w.reshape(contract, -1)
     return y.reshape(lead + w.shape[num_contract:])
+
+
+def dense(
+    x: jax.Array, weight, num_contract: int = 1, dtype=None, key: jax.Array | None = None
+) -> jax.Array:
+    """The one dispatch point of every linear projection: `project(x, weight)` for any weight.
+
+    `weight` is a plain `nnx.Param` [*in, *out], or a module that computes the same product
+    itself, called as `weight(x, num_contract, dtype, key)`: a weight-only quantized weight
+    (models.quantize.QuantizedDense) or a LoRA wrapper of either (models.lora.LoRADense).
+
+    Args:
+      x: [..., *in] activations.
+      weight: the weight, whose first `num_contract` dims contract with x's last ones.
+      num_contract: contracted dims (2 for o_proj [N, H, D]).
+      dtype: compute dtype (default x's).
+      key: PRNG key for LoRA dropout (training); None disables it.
+
+    Returns:
+      [..., *out] in dtype.
+    """
+    dtype = dtype or x.dtype
+    if isinstance(weight, nnx.Variable):
+        return project(x, weight[...].astype(dtype), num_contract)
+    return weight(x, num_contract, dtype, key)
+
+
+def fold_key(key: jax.Array | None, index: int) -> jax.Array | None:
+    """A distinct key per projection (LoRA dropout), or None when dropout is off."""
+    return None if key is None else jax.random.fold_in(key, index)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,6 +231,84 @@ class KVCache(NamedTuple):
     index: jax.Array
 
 
+class PagedKVCache(NamedTuple):
+    """Per-layer paged key/value cache, shared by the rows of a batch (see infer/kv_cache.py).
+
+    `key`/`value`: [P, C, K, H] pages of C slots each (int8, with `key_scale`/`value_scale`
+    [P, C, K] float32, or a float dtype and no scales); `block_tables`: [B, M] the pages of each
+    row in order; `lengths`: [B] tokens a row has cached before this call; `num_new`: [B] how
+    many of the call's T tokens are real: the rest (padding, idle rows) are written to page 0,
+    which the allocator never hands out. Stacked over layers (a leading L axis on every field)
+    in the scanned decoder.
+    """
+
+    key: jax.Array
+    value: jax.Array
+    block_tables: jax.Array
+    lengths: jax.Array
+    num_new: jax.Array
+    key_scale: jax.Array | None = None
+    value_scale: jax.Array | None = None
+
+
+def paged_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedKVCache, cfg: ModelConfig
+) -> tuple[jax.Array, PagedKVCache]:
+    """Writes k, v [B, T, K, H] into their pages, then attends q [B, T, N, H] over each row.
+
+    Query t of row b sits at position lengths[b] + t and sees the keys before it and itself.
+    One new token per row under attention_impl "pallas" uses the paged decode kernel; otherwise
+    the pages are gathered (the plain-JAX reference) and masked.
+    """
+    from kernels.decode_attention import decode_attention, quantize_kv_int8
+
+    b, t = k.shape[:2]
+    num_pages, page_size = cache.key.shape[:2]
+    order = cache.lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    real = jnp.arange(t)[None, :] < cache.num_new[:, None]
+    logical = jnp.clip(order // page_size, 0, cache.block_tables.shape[1] - 1)
+    page = jnp.where(real, jnp.take_along_axis(cache.block_tables, logical, axis=1), 0)
+    slot = order % page_size
+    if cache.key_scale is not None:
+        (kq, ks), (vq, vs) = quantize_kv_int8(k), quantize_kv_int8(v)
+        cache = cache._replace(
+            key=cache.key.at[page, slot].set(kq),
+            value=cache.value.at[page, slot].set(vq),
+            key_scale=cache.key_scale.at[page, slot].set(ks),
+            value_scale=cache.value_scale.at[page, slot].set(vs),
+        )
+    else:
+        cache = cache._replace(
+            key=cache.key.at[page, slot].set(k.astype(cache.key.dtype)),
+            value=cache.value.at[page, slot].set(v.astype(cache.value.dtype)),
+        )
+    total = cache.lengths + cache.num_new  # [B]
+    sm_scale = None if cfg.scale_attention else 1.0
+    if t == 1 and cfg.position != "alibi" and attention_impl(cfg) == "pallas":
+        out = decode_attention(
+            q[:, 0], cache.key, cache.value, cache.block_tables, total,
+            k_scales=cache.key_scale, v_scales=cache.value_scale, sm_scale=sm_scale,
+        )  # fmt: skip
+        return out[:, None], cache
+    pages = jnp.clip(cache.block_tables, 0, num_pages - 1)
+    s_len = pages.shape[1] * page_size
+
+    def gather(x, scale):
+        x = jnp.take(x, pages, axis=0)  # [B, M, C, K, H]
+        if scale is not None:
+            x = x.astype(jnp.float32) * jnp.take(scale, pages, axis=0)[..., None]
+        return x.reshape(b, s_len, *x.shape[3:]).astype(q.dtype)
+
+    keys, values = gather(cache.key, cache.key_scale), gather(cache.value, cache.value_scale)
+    key_positions = jnp.broadcast_to(jnp.arange(s_len), (b, s_len))
+    mask = make_attention_mask(order, key_positions, None, None, True)
+    mask &= (key_positions < total[:, None])[:, None, None, None, :]
+    bias = None
+    if cfg.position == "alibi":
+        bias = alibi_bias(cfg.num_heads, cfg.num_kv_heads, order, key_positions)
+    return dot_product_attention(q, keys, values, mask, bias, cfg.scale_attention), cache
+
+
 def make_attention_mask(
     query_positions: jax.Array,
     key_positions: jax.Array,
@@ -293,9 +404,17 @@ class Attention(nnx.Module):
         if cfg.out_bias:
             self.o_bias = param(rngs, zeros, (d,), pd, ("embed",))
 
-    def _project_qkv(self, x: jax.Array, context: jax.Array | None):
+    def _project_qkv(self, x: jax.Array, context: jax.Array | None, lora_key=None):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
-        if context is None:
+        weights = (self.q_proj, self.k_proj, self.v_proj)
+        if not all(isinstance(w, nnx.Param) for w in weights):
+            # Quantized or LoRA weights: three dispatched projections, no fused matmul.
+            sources = (x, x, x) if context is None else (x, context, context)
+            q, k, v = (
+                dense(src, w, 1, dtype, fold_key(lora_key, i))
+                for i, (src, w) in enumerate(zip(sources, weights, strict=True))
+            )
+        elif context is None:
             # One [D, N + 2K, H] matmul instead of three: fewer, larger dots (and gradients).
             qkv_proj = jnp.concatenate(
                 [self.q_proj[...], self.k_proj[...], self.v_proj[...]], axis=1
@@ -317,12 +436,13 @@ class Attention(nnx.Module):
         x: jax.Array,
         positions: jax.Array,
         segment_ids: jax.Array | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | PagedKVCache | None = None,
         *,
         bias: jax.Array | None = None,
         context: jax.Array | None = None,
         context_mask: jax.Array | None = None,
         prefix_len: jax.Array | None = None,
+        lora_key: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Self- or cross-attention.
 
@@ -330,26 +450,31 @@ class Attention(nnx.Module):
           x: [B, T, D] input.
           positions: [B, T] positions of x (absolute; offset by the cache index when decoding).
           segment_ids: [B, T] packing / padding ids (0 = padding), or None.
-          cache: this layer's KVCache; the new keys/values are written at `cache.index`.
+          cache: this layer's KVCache (the new keys/values are written at `cache.index`) or
+            PagedKVCache (written into their pages, see `paged_attention`).
           bias: an additive score bias computed by the caller (T5's relative positions),
             broadcastable to [B, K, G, T, S].
           context: [B, S, D] encoder output to attend to (cross-attention; no cache, no RoPE).
           context_mask: [B, 1, 1, T, S] bool mask for the context (required with context).
           prefix_len: [B] prefix-LM boundary (see make_attention_mask). Causality then follows
             the order of the tokens in the sequence, not `positions`, which GLM repeats.
+          lora_key: PRNG key for the dropout of LoRA-wrapped projections (training), or None.
 
         Returns:
           ([B, T, D] output, updated cache or None).
         """
         cfg, dtype = self.cfg, self.cfg.compute_dtype
-        q, k, v = self._project_qkv(x, context)
+        q, k, v = self._project_qkv(x, context, lora_key)
         if context is not None:
             out = dot_product_attention(q, k, v, context_mask, bias, cfg.scale_attention)
-            return self._out(out), cache
+            return self._out(out, lora_key), cache
         if cfg.position == "rope":
             q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_dim)
             k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_dim)
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
+        if isinstance(cache, PagedKVCache):
+            out, cache = paged_attention(q, k, v, cache, cfg)
+            return self._out(out, lora_key), cache
 
         key_positions = positions
         if cache is None:
@@ -399,11 +524,11 @@ class Attention(nnx.Module):
             )  # fmt: skip
         else:
             out = dot_product_attention(q, k, v, mask, bias, cfg.scale_attention)
-        return self._out(out), cache
+        return self._out(out, lora_key), cache
 
-    def _out(self, out: jax.Array) -> jax.Array:
+    def _out(self, out: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
         dtype = self.cfg.compute_dtype
-        out = project(out, self.o_proj[...].astype(dtype), num_contract=2)  # [B, T, D]
+        out = dense(out, self.o_proj, 2, dtype, fold_key(lora_key, 3))  # [B, T, D]
         if self.cfg.out_bias:
             out = out + self.o_bias[...].astype(dtype)
         return out
@@ -430,23 +555,25 @@ class MLP(nnx.Module):
             self.up_bias = param(rngs, zeros, (f,), pd, ("mlp",))
             self.down_bias = param(rngs, zeros, (d,), pd, ("embed",))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """[B, T, D] -> [B, T, D]."""
+    def __call__(self, x: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
+        """[B, T, D] -> [B, T, D]; `lora_key` drives LoRA dropout (training) or is None."""
         cfg, dtype = self.cfg, self.cfg.compute_dtype
-        up = project(x, self.up_proj[...].astype(dtype))
+        up = dense(x, self.up_proj, 1, dtype, fold_key(lora_key, 1))
         if cfg.out_bias:
             up = up + self.up_bias[...].astype(dtype)
         activation = cfg.mlp_activation
         if cfg.gated_mlp:
-            gate = project(x, self.gate_proj[...].astype(dtype))
+            gate = dense(x, self.gate_proj, 1, dtype, fold_key(lora_key, 0))
             gate = jax.nn.silu(gate) if activation == "swiglu" else jax.nn.gelu(gate, True)
             hidden = gate * up
         elif activation == "relu":
             hidden = jax.nn.relu(up)
+        elif activation == "quick_gelu":  # OpenAI CLIP's sigmoid approximation of GELU
+            hidden = up * jax.nn.sigmoid(1.702 * up)
         else:
             hidden = jax.nn.gelu(up, approximate=activation == "gelu")
         hidden = constrain(hidden, ("batch", "seq", "mlp"))
-        out = project(hidden, self.down_proj[...].astype(dtype))
+        out = dense(hidden, self.down_proj, 1, dtype, fold_key(lora_key, 2))
         if cfg.out_bias:
             out = out + self.down_bias[...].astype(dtype)
         return out
@@ -502,6 +629,11 @@ class Block(nnx.Module):
             (None,) * 3 if dropout_key is None else (*jax.random.split(dropout_key, num_keys), None)
         )
         post = self.cfg.norm_placement == "post"
+        # LoRA dropout (models/lora.py) draws from its own stream, one key per sub-block, so
+        # the residual dropout keys above stay what they were without LoRA.
+        lora_keys = (None,) * 3
+        if dropout_key is not None:
+            lora_keys = tuple(jax.random.split(jax.random.fold_in(dropout_key, 1), 3))
 
         def sublayer(x, norm, fn, key):
             if post:
@@ -511,18 +643,22 @@ class Block(nnx.Module):
         def self_attention(h):
             nonlocal cache
             out, cache = self.attn(
-                h, positions, segment_ids, cache, bias=bias, prefix_len=prefix_len
-            )
+                h, positions, segment_ids, cache, bias=bias, prefix_len=prefix_len,
+                lora_key=lora_keys[0],
+            )  # fmt: skip
             return out
 
         x = sublayer(x, self.attn_norm, self_attention, keys[0])
         if context is not None:
 
             def cross_attention(h):
-                return self.cross_attn(h, positions, context=context, context_mask=context_mask)[0]
+                return self.cross_attn(
+                    h, positions, context=context, context_mask=context_mask,
+                    lora_key=lora_keys[2],
+                )[0]  # fmt: skip
 
             x = sublayer(x, self.cross_norm, cross_attention, keys[2])
-        x = sublayer(x, self.mlp_norm, self.mlp, keys[1])
+        x = sublayer(x, self.mlp_norm, lambda h: self.mlp(h, lora_keys[1]), keys[1])
         return constrain(x, ("batch", "seq", "embed")), cache
 
 
@@ -573,12 +709,17 @@ def scan_blocks(
     cfg = blocks.cfg
     graphdef, block_state = nnx.split(blocks)
 
-    def layer(x, per_layer):
+    # The pipeline (parallel/pipeline.py) runs `layer` on microbatches: it passes their rows of
+    # the per-example inputs as `batch_args`.
+    def layer(x, per_layer, batch_args=(positions, segment_ids, shared)):
         state, layer_cache, key = per_layer
         block = nnx.merge(graphdef, state)
-        return block(x, positions, segment_ids, layer_cache, key, **shared)
+        return block(x, *batch_args[:2], layer_cache, key, **batch_args[2])
 
     if cfg.remat_policy != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat_policy])
+    if _LAYER_STACK_RUNNER and cache is None:
+        run = _LAYER_STACK_RUNNER[-1]
+        return run(layer, block_state, x, dropout_keys, (positions, segment_ids, shared)), None
     unroll = min(cfg.scan_unroll, jax.tree.leaves(block_state)[0].shape[0])
     return jax.lax.scan(layer, x, (block_state, cache, dropout_keys), unroll=unroll)

@@ -201,6 +201,8 @@ def load_pretrained(
     dtype: str = "float32",
     param_dtype: str | None = None,
     max_seq_len: int | None = None,
+    quant: str = "none",
+    quant_group_size: int | None = 128,
 ) -> LanguageModel | SentenceEmbedder:
     """Loads real weights and their tokenizer.
 
@@ -212,6 +214,10 @@ def load_pretrained(
       dtype: compute dtype, "float32" (use it for fidelity checks) or "bfloat16".
       param_dtype: parameter storage dtype; defaults to `dtype`.
       max_seq_len: override the context length (e.g. to keep caches small).
+      quant: weight-only quantization of the projections (models/quantize.py): "none", "int8",
+        "int4", or "gguf" (a GGUF file's Q4_0/Q4_1/Q8_0 blocks used as they are, no
+        requantization).
+      quant_group_size: rows per scale for "int8"/"int4" (None: per channel, int8 only).
 
     Returns:
       A `LanguageModel` for decoders, a `SentenceEmbedder` for BERT-style encoders.
@@ -220,9 +226,23 @@ def load_pretrained(
       ValueError: an unknown name or path; CheckpointError / GGUFError naming what is wrong.
     """
     overrides = _overrides(dtype, param_dtype, max_seq_len)
+    if quant not in ("none", "int8", "int4", "gguf"):
+        raise ValueError(f"quant={quant!r} is not one of ('none', 'int8', 'int4', 'gguf')")
     path = _resolve(name_or_path)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: a file must be a .gguf; for Hugging Face pass its dir")
-        return _load_gguf(path, overrides)
-    return _load_hf(path, overrides)
+        loaded = _load_gguf(path, overrides)
+    elif quant == "gguf":
+        raise ValueError(f"quant='gguf' needs a .gguf file, got the directory {path}")
+    else:
+        loaded = _load_hf(path, overrides)
+    if quant != "none":
+        from models import quantize
+
+        if quant == "gguf":
+            quantize.load_gguf_blocks(loaded.model, loaded.gguf_file)
+        else:
+            quantize.quantize(loaded.model, quant, quant_group_size)
+        loaded.config = loaded.model.cfg
+    return loaded

@@ -76,7 +76,7 @@ def prepare(
             )
         from models.quantize import quantize
 
-        quantize(model, quant, group_size=config.model.get("quant_group_size", 128))
+        quantize(model, quant, group_size=config.model.quant_group_size)
     if lora is not None:
         from models.lora import LoRAParam, apply_lora
 

@@ -394,7 +394,7 @@ def train_and_evaluate(
         start_step = int(state["step"])
         print(f"Resumed from step {start_step} ({workdir / 'checkpoints'})", flush=True)
 
-    dropout = model_cfg.dropout_rate > 0
+    dropout = model_cfg.dropout_rate > 0 or config.lora.dropout > 0  # both need a key
     if mesh is None:
         train_step = make_train_step(
             graphdef, optimizer, tcfg.z_loss, tcfg.grad_accum_steps, dropout

@@ -70,3 +70,30 @@ def test_nanogpt_peer_runs(tmp_path):
     assert result["steps"] == 3 and result["threads"] == 1
     assert result["eval_tokens"] == 2 * 4 * 16
     assert 0 < result["val_loss"] < 10 and result["train_time_s"] <= result["total_time_s"]
+
+
+@pytest.mark.slow
+def test_finetune_benchmark_on_a_tiny_chat_model(tmp_path):
+    """Full fine-tuning vs LoRA on a tiny chat model: fractions, memory and times are recorded."""
+    from models import hf
+    from train import sft
+
+    sys.path.insert(0, str(BENCHMARKS.parents[1] / "tests" / "infer"))
+    from tiny_lm import tiny_lm
+
+    lm = tiny_lm()
+    hf.save_hf_dir(lm.model, tmp_path / "model", tokenizer=lm.tokenizer)
+    chat = [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Him."}]
+    sft.write_chat_jsonl(tmp_path / "chats.jsonl", [chat] * 8)
+    overrides = [f"init_from={tmp_path / 'model'}", f"data.source={tmp_path / 'chats.jsonl'}"]
+    overrides += [f"data.val_source={tmp_path / 'chats.jsonl'}", "data.seq_len=64"]
+    overrides += ["data.batch_size=2", "optimizer.warmup_steps=1"]
+    bench = _load_script("finetune")
+    argv = ["--modes", "full,lora", "--steps", "3", "--out", str(tmp_path / "out.json")]
+    report = bench.main(argv + [f"--set={o}" for o in overrides])
+    full, lora = report["results"]
+    assert full["trained_params"] == full["params"] == lm.model.cfg.num_params()
+    # LoRA trains only its adapters: the base's count plus theirs.
+    assert 0 < lora["trained_params"] == lora["params"] - lm.model.cfg.num_params()
+    assert all(r["step_time_s"] > 0 and r["peak_rss_mb"] > 0 for r in (full, lora))
+    assert json.loads((tmp_path / "out.json").read_text())["results"] == report["results"]
