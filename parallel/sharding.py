@@ -3,7 +3,7 @@
 Model code names logical axes only (`("embed", "mlp")`, `("batch", "seq", "embed")`); a rules
 table says which mesh axes each name is split over. Names that no rule lists are replicated.
 The presets are data parallelism, FSDP (ZeRO-3: parameters, gradients and optimizer state
-sharded), Megatron tensor parallelism, and their combinations.
+sharded), Megatron tensor parallelism, pipeline stages ("pp*"), and their combinations.
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ _TENSOR: Rules = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
 )
-# Left replicated by every preset: layers (until pipeline stages exist), head_dim, norm, seq.
+# Pipeline stages (parallel/pipeline.py): the stacked [L] axis split into contiguous runs of
+# layers, one per `pipeline` shard. Embeddings, final norm and head stay replicated over it.
+_PIPELINE: Rules = (("layers", "pipeline"),)
+# Left replicated by every preset: head_dim, norm, seq (and layers without "pp").
 
 PRESETS: dict[str, Rules] = {
     "dp": _DATA,
@@ -47,6 +50,10 @@ PRESETS: dict[str, Rules] = {
     "tp": _DATA + _TENSOR,
     "dp_tp": _DATA + _TENSOR,  # the same table as "tp": the mesh's data axis decides
     "fsdp_tp": _DATA + _FSDP + _TENSOR,
+    "pp": _DATA + _PIPELINE,
+    "pp_dp_tp": _DATA + _TENSOR + _PIPELINE,
+    "pp_fsdp": _DATA + _FSDP + _PIPELINE,
+    "pp_fsdp_tp": _DATA + _FSDP + _TENSOR + _PIPELINE,
 }
 
 

@@ -3,6 +3,8 @@
 mesh = make_mesh({"fsdp": -1, "tensor": 2})
 graphdef, state, shardings = init_sharded_train_state(model_cfg, optimizer, 0, mesh, "fsdp_tp")
 step = make_sharded_train_step(graphdef, optimizer, mesh, "fsdp_tp", shardings)
+# pipeline: mesh {"pipeline": 2, "data": 2, "tensor": 2}, rules "pp_dp_tp",
+#   make_sharded_train_step(..., pipeline=PipelineConfig(num_microbatches=4))
 state, metrics = step(state, shard_batch(batch, mesh, "fsdp_tp"), key)
 """
 
@@ -17,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.config import ModelConfig
+from parallel.pipeline import PipelineConfig, check_rules, use_pipeline
 from parallel.sharding import Rules, named_sharding, train_state_shardings, use_rules
 from train import trainer
 
@@ -106,11 +109,14 @@ def make_sharded_train_step(
     z_loss: float = 0.0,
     grad_accum_steps: int = 1,
     dropout: bool = False,
+    pipeline: PipelineConfig | None = None,
 ):
     """`trainer.make_train_step`'s step, jitted with the train state's and the batch's shardings.
 
     The rules are installed while the step is traced, so the model's `constrain` calls become
-    `with_sharding_constraint`s; the state is donated, as in the single-device step.
+    `with_sharding_constraint`s; the state is donated, as in the single-device step. With
+    `pipeline`, the layer stack runs as a pipeline over the mesh's `pipeline` axis
+    (parallel/pipeline.py; the rules must map `layers` to it, e.g. preset "pp_dp_tp").
 
     Returns:
       step(state, batch, key) -> (state, metrics); metrics are replicated.
@@ -119,8 +125,11 @@ def make_sharded_train_step(
         graphdef, optimizer, z_loss, grad_accum_steps, dropout, jit=False
     )
 
+    if pipeline is not None:
+        check_rules(pipeline, mesh, rules)  # fail here, not at the first call
+
     def sharded_step(state, batch, key):
-        with use_rules(mesh, rules):
+        with use_rules(mesh, rules), use_pipeline(pipeline, mesh, rules):
             return step_fn(state, batch, key)
 
     replicated = NamedSharding(mesh, PartitionSpec())

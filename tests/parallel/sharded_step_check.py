@@ -6,12 +6,17 @@ tests/parallel/test_sharded_*.py in a subprocess, because the fake CPU devices
 
     python tests/parallel/sharded_step_check.py \
         '{"cases": [["llama", "tp", {"data": 4, "tensor": 2}, 1]]}'
+
+A case may add a fifth entry, a parallel.pipeline.PipelineConfig as a dict, e.g.
+["llama8", "pp_dp_tp", {"pipeline": 2, "data": 2, "tensor": 2}, 1, {"num_microbatches": 2}].
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import sys
 
 os.environ["XLA_FLAGS"] = (
@@ -27,6 +32,7 @@ jax.config.update("jax_disable_most_optimizations", True)
 
 from models.config import ModelConfig  # noqa: E402
 from parallel.mesh import make_mesh  # noqa: E402
+from parallel.pipeline import PipelineConfig  # noqa: E402
 from parallel.train import (  # noqa: E402
     abstract_train_state,
     init_sharded_train_state,
@@ -55,6 +61,12 @@ MODELS = {
         tie_embeddings=True,
     ),
 }
+# Eight layers: two per stage on PP=4, or two chunks of one on PP=4 with the circular schedule.
+MODELS["llama8"] = dataclasses.replace(MODELS["llama"], num_layers=8)
+
+
+# Communication ops counted in the compiled step's HLO.
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
 def optimizer():
@@ -107,7 +119,12 @@ def shard_shapes(tree) -> dict[str, list[int]]:
 
 
 def run_sharded(
-    cfg: ModelConfig, rules: str, mesh_config: dict, reference, grad_accum_steps: int = 1
+    cfg: ModelConfig,
+    rules: str,
+    mesh_config: dict,
+    reference,
+    grad_accum_steps: int = 1,
+    pipeline: PipelineConfig | None = None,
 ) -> dict:
     ref_init, ref_state, ref_loss = reference
     opt = optimizer()
@@ -116,12 +133,15 @@ def run_sharded(
     init_params = jax.device_get(state["params"])
     param_shards, mu_shards = shard_shapes(state["params"]), shard_shapes(adam_mu(state))
     step = make_sharded_train_step(
-        graphdef, opt, mesh, rules, shardings, grad_accum_steps=grad_accum_steps
+        graphdef, opt, mesh, rules, shardings, grad_accum_steps=grad_accum_steps, pipeline=pipeline
     )
     args = (state, shard_batch(batch(cfg), mesh, rules), jax.random.key(1))
     # The model's activation constraints, traced into the step under the rules.
     num_constraints = str(jax.make_jaxpr(step)(*args)).count("sharding_constraint")
-    state, metrics = step(*args)
+    compiled = step.lower(*args).compile()  # compiled once, called below
+    hlo = compiled.as_text()
+    collectives = {op: len(re.findall(rf" {op}(-start)?\(", hlo)) for op in COLLECTIVES}
+    state, metrics = compiled(*args)
     host = jax.device_get(state)
     delta = jax.tree.map(np.subtract, host["params"], init_params)
     ref_delta = jax.tree.map(np.subtract, ref_state["params"], ref_init)
@@ -139,6 +159,7 @@ def run_sharded(
         "updated_param_shards": shard_shapes(state["params"]),
         "step_replicated": state["step"].sharding.is_fully_replicated,
         "num_constraints": num_constraints,
+        "collectives": collectives,
     }
 
 
@@ -190,14 +211,20 @@ def run_resharded_checkpoint(cfg: ModelConfig, directory: str) -> dict:
 def main(request: dict) -> dict:
     results = {}
     references = {}
-    for model, rules, mesh_config, grad_accum_steps in request.get("cases", []):
+    for model, rules, mesh_config, grad_accum_steps, *pipeline in request.get("cases", []):
         cfg = MODELS[model]
         if model not in references:
             references[model] = run_unsharded(cfg)
+        pipeline_config = PipelineConfig(**pipeline[0]) if pipeline else None
         # Accumulated steps are compared with the one-shot reference: the same token mean.
-        result = run_sharded(cfg, rules, mesh_config, references[model], grad_accum_steps)
+        result = run_sharded(
+            cfg, rules, mesh_config, references[model], grad_accum_steps, pipeline_config
+        )
         mesh_id = json.dumps(mesh_config, sort_keys=True)
-        results[f"{model}/{rules}/{mesh_id}/accum{grad_accum_steps}"] = result
+        key = f"{model}/{rules}/{mesh_id}/accum{grad_accum_steps}"
+        if pipeline:
+            key += "/" + json.dumps(pipeline[0], sort_keys=True)
+        results[key] = result
     if request.get("batch_error"):
         try:
             shard_batch({"inputs": np.zeros((6, 4), np.int32)}, make_mesh({"data": 8}), "dp")
