@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 # More choices than this per request is refused: each one is a full decode on a shared worker.
 MAX_N = 16
 MAX_STOP_STRINGS = 4
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300
 
 
 class APIError(Exception):
@@ -71,6 +73,32 @@ class _Sampling(_Request):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    # Token id (as a string, as OpenAI sends it) -> bias added to its logit.
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(
+        max_length=MAX_LOGIT_BIAS
+    )] | None = None  # fmt: skip
+    # Beyond OpenAI, as vLLM accepts them.
+    top_k: StrictInt = Field(0, ge=0, le=2**31 - 1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    stop_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]], Field(
+        max_length=MAX_STOP_TOKEN_IDS
+    )] | None = None  # fmt: skip
+
+    def bias_pairs(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs; raises APIError for a key that is no id."""
+        pairs = []
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= vocab_size:
+                raise APIError(
+                    400,
+                    f"logit_bias keys must be token ids in [0, {vocab_size}), got {key!r}",
+                    param="logit_bias",
+                )
+            pairs.append((int(key), float(value)))
+        return tuple(pairs)
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -100,9 +128,16 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens else self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        """How many top_logprobs per token (0: only the token's own); None: no logprobs."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
@@ -118,10 +153,13 @@ class CompletionRequest(_Sampling):
     )
     max_tokens: StrictInt | None = Field(16, ge=1)  # OpenAI's default for completions
     echo: StrictBool = False
-    logprobs: StrictInt | None = None
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)  # OpenAI's limit for completions
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class EmbeddingRequest(_Request):

@@ -9,6 +9,7 @@ function is jitted once per (batch, length) shape and reused for every token.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -54,6 +55,136 @@ def sample_logits(
         threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# At most this many top_logprobs per token (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling settings, as the batching engine applies them per row.
+
+    temperature 0 is greedy. top_k 0, top_p 1, min_p 0 and neutral penalties disable those
+    filters. Penalties: repetition (CTRL, Keskar et al. 2019; > 1 discourages every token seen
+    in the prompt or output), presence and frequency (OpenAI's: subtract presence * [count > 0]
+    + frequency * count over the output). logit_bias adds to chosen tokens' logits. seed: the
+    same seed gives the same tokens, whatever else shares the batch. logprobs: None, or how
+    many top_logprobs (0..20) to return beside each sampled token's own log-probability.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    seed: int = 0
+    logprobs: int | None = None
+
+    def check(self, vocab_size: int) -> None:
+        """Raises ValueError naming the first out-of-range setting."""
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+                f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message}, got {self}")
+        for token, bias in self.logit_bias:
+            if not 0 <= token < vocab_size or not -100 <= bias <= 100:
+                raise ValueError(
+                    f"logit_bias needs token ids in [0, {vocab_size}) and biases in [-100, "
+                    f"100], got {token}: {bias}"
+                )
+
+    def row(self) -> tuple[float, ...]:
+        """The traced per-row values, in the order of `ROW_FIELDS`."""
+        return tuple(float(getattr(self, f)) for f in ROW_FIELDS)
+
+
+ROW_FIELDS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
+
+def seed_key_data(seed: int) -> np.ndarray:
+    """The raw uint32 key of a seed (any int64), for per-row keys inside a jitted step."""
+    return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+
+
+def sample_rows(
+    logits: jax.Array,
+    rows: jax.Array,
+    key_data: jax.Array,
+    steps: jax.Array,
+    counts: jax.Array,
+    seen: jax.Array,
+    bias: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Samples one token per row, each row with its own settings (one compiled step for all).
+
+    Args:
+      logits: [B, V] model scores.
+      rows: [B, len(ROW_FIELDS)] float32 settings (see `SamplingParams.row`).
+      key_data: [B, 2] uint32 seed keys; steps: [B] int32 index of the token being drawn (the
+        key is fold_in(seed key, step), so a row's draws do not depend on its neighbours).
+      counts: [B, V] int32 output-token counts; seen: [B, V] bool prompt-or-output tokens.
+      bias: [B, V] float32 logit_bias.
+
+    Returns:
+      (tokens [B] int32, their log-probabilities [B], top ids [B, 20], top log-probs [B, 20]),
+      log-probabilities under the model's distribution (before any setting).
+    """
+    temperature, top_k, top_p, min_p, repetition, presence, frequency = rows.T
+    logits = logits.astype(jnp.float32)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    rep = repetition[:, None]
+    x = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    x = x - presence[:, None] * (counts > 0) - frequency[:, None] * counts + bias
+    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    x = x / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+
+    def sort_filters(x):
+        # top-k and nucleus (Holtzman et al. 2020) thresholds from one descending sort.
+        ordered = jnp.sort(x, axis=-1)[:, ::-1]
+        k = jnp.clip(top_k.astype(jnp.int32), 0, x.shape[-1])
+        kth = jnp.take_along_axis(ordered, jnp.maximum(k - 1, 0)[:, None], axis=-1)
+        x = jnp.where((k[:, None] > 0) & (x < kth), -jnp.inf, x)
+        ordered = jnp.where((k[:, None] > 0) & (ordered < kth), -jnp.inf, ordered)
+        probs = jax.nn.softmax(ordered, axis=-1)
+        kept = ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p[:, None] >= 1)
+        threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(x < threshold, -jnp.inf, x)
+
+    needs_sort = jnp.any((top_k > 0) | (top_p < 1))
+    x = jax.lax.cond(needs_sort, sort_filters, lambda x: x, x)
+    # min-p (Nguyen et al. 2024): drop tokens below min_p times the top token's probability.
+    probs = jax.nn.softmax(x, axis=-1)
+    x = jnp.where(probs < min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, x)
+    keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(key_data), steps)
+    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, x).astype(jnp.int32)
+    tokens = jnp.where(temperature > 0, drawn, greedy)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logprobs, min(MAX_TOP_LOGPROBS, logits.shape[-1]))
+    return tokens, chosen, top_ids.astype(jnp.int32), top_lp
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k"))

@@ -4,10 +4,11 @@
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \
       -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]}'
 
-One request decodes at a time on a single worker thread (the jitted loop of `infer.decoding`);
-tokens travel to the event loop through a queue, and a client that goes away cancels its
-decode between two tokens. `create_app(lm, ...)` serves an already loaded model (tests,
-notebooks). The continuously batched, paged engine is a later step.
+Requests go through `infer.engine.Engine` (continuous batching over a paged KV cache, on its
+own thread); tokens travel to the event loop through a queue per request, where they become
+text and SSE chunks. A client that goes away cancels its sequences, which frees their slots and
+KV blocks. GET /metrics serves Prometheus metrics. `create_app(lm, ...)` serves an already
+loaded model (tests, notebooks).
 """
 
 from __future__ import annotations
@@ -22,16 +23,15 @@ import json
 import os
 import random
 import sys
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from infer.api import (
@@ -41,9 +41,9 @@ from infer.api import (
     EmbeddingRequest,
     error_body,
 )
-from infer.decoding import stream_token_ids
-
-Emit = Callable[[tuple], None]
+from infer.engine import Engine, EngineConfig, QueueFull
+from infer.engine import Request as EngineRequest
+from infer.sampling import SamplingParams
 
 
 class StopStrings:
@@ -74,123 +74,93 @@ class StopStrings:
         return rest
 
 
-@dataclasses.dataclass
-class Generation:
-    """One request's decodes: a prompt, limit and seed per choice, run one after another."""
+class Job:
+    """One API call's choices as engine requests, turned into text events on the event loop.
 
-    prompts: list[list[int]]
-    limits: list[int]
-    seeds: list[int]
-    temperature: float
-    top_p: float
-    stops: list[str]
+    `await run()` submits them and gives an async iterator of ("start", i), ("text", i, text,
+    logprob entries), ("finish", i, reason, completion tokens) and ("error", message) events.
+    A choice cut by a stop string is cancelled in the engine at once.
+    """
 
-    def run(self, lm, emit: Emit, cancel: threading.Event) -> None:
-        for index, (ids, limit, seed) in enumerate(
-            zip(self.prompts, self.limits, self.seeds, strict=True)
-        ):
-            emit(("start", index))
-            decoder, stopper = lm.tokenizer.stream_decoder(), StopStrings(self.stops)
-            count, stopped = 0, False
-            tokens = stream_token_ids(
-                lm.model,
-                ids,
-                limit,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                seed=seed,
-                stop_ids=lm.tokenizer.stop_ids,
-            )
-            for token in tokens:
-                if cancel.is_set():
-                    return
-                count += 1
-                text, stopped = stopper.push(decoder.push(token))
-                if text:
-                    emit(("text", index, text))
-                if stopped:
-                    break
-            if not stopped:
-                text, stopped = stopper.push(decoder.flush())
-                text += "" if stopped else stopper.flush()
-                if text:
-                    emit(("text", index, text))
-            reason = "length" if count == limit and not stopped else "stop"
-            emit(("finish", index, reason, count))
+    def __init__(self, lm, engine: Engine, requests: list[EngineRequest], stops: list[str]):
+        self.lm, self.engine, self.requests, self.stops = lm, engine, requests, stops
+        self._raw: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        for index, request in enumerate(requests):
 
+            def on_event(event, index=index):
+                with contextlib.suppress(RuntimeError):  # the loop is gone: shutting down
+                    loop.call_soon_threadsafe(self._raw.put_nowait, (index, event))
 
-class Engine:
-    """A single worker thread with admission control: one decode runs, max_queue may wait."""
+            request.on_event = on_event
 
-    def __init__(self, max_queue: int):
-        self.max_queue = max_queue
-        self.in_flight = 0  # admitted and not finished; touched only on the event loop
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, "jaxlm-decode")
-        self._cancels: set[threading.Event] = set()
-        self.cancelled = 0  # jobs stopped early by their client; written by the worker only
+    def cancel(self) -> None:
+        for request in self.requests:
+            self.engine.cancel(request)
 
-    def _admit(self) -> None:
-        if self.in_flight > self.max_queue:
+    def _token_entry(self, token: int, logprob: float, top) -> dict[str, Any]:
+        def piece(t: int) -> str:
+            return self.lm.tokenizer.decode([t], skip_special_tokens=False)
+
+        entry = {"token": piece(token), "logprob": logprob}
+        entry["top_logprobs"] = [{"token": piece(t), "logprob": lp} for t, lp in top]
+        return entry
+
+    async def run(self) -> AsyncIterator[tuple]:
+        """Submits the choices (APIError 429 / 400 if refused); their events, interleaved."""
+        try:
+            self.engine.submit(*self.requests)
+        except QueueFull as e:
             raise APIError(
                 429,
-                f"the server is busy: {self.in_flight - 1} requests are already waiting "
-                f"(--max-queue {self.max_queue}); retry later",
+                f"the server is busy: {e}; retry later",
                 code="rate_limit_exceeded",
                 type="rate_limit_error",
-            )
-        self.in_flight += 1
+            ) from None
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        return self._text_events()
 
-    def _submit(self, fn: Callable[[], Any]) -> asyncio.Future:
-        self._admit()
-        future = asyncio.get_running_loop().run_in_executor(self._executor, fn)
-
-        def done(_):
-            self.in_flight -= 1
-
-        future.add_done_callback(done)
-        return future
-
-    async def call(self, fn: Callable[[], Any]) -> Any:
-        """Runs fn on the worker (after the requests ahead of it) and returns its result."""
-        return await self._submit(fn)
-
-    def start(self, work: Callable[[Emit, threading.Event], None]):
-        """Queues work(emit, cancel); returns (event queue, cancel flag). Ends with ("end",)."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def emit(event: tuple) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop is gone (server shutting down)
-                cancel.set()
-
-        def run() -> None:
-            try:
-                if not cancel.is_set():
-                    work(emit, cancel)
-                if cancel.is_set():
-                    self.cancelled += 1
-            except Exception as e:  # reported to this client only; the worker lives on
-                emit(("error", f"{type(e).__name__}: {e}"))
-            finally:
-                self._cancels.discard(cancel)
-                emit(("end",))
-
-        self._cancels.add(cancel)
-        self._submit(run)
-        return events, cancel
-
-    def close(self) -> None:
-        for cancel in list(self._cancels):
-            cancel.set()
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-async def _events(events: asyncio.Queue) -> AsyncIterator[tuple]:
-    while (event := await events.get())[0] != "end":
-        yield event
+    async def _text_events(self) -> AsyncIterator[tuple]:
+        n = len(self.requests)
+        open_choices = set(range(n))
+        try:
+            decoders = [self.lm.tokenizer.stream_decoder() for _ in range(n)]
+            stoppers = [StopStrings(self.stops) for _ in range(n)]
+            for i in range(n):
+                yield ("start", i)
+            while open_choices:
+                i, event = await self._raw.get()
+                if i not in open_choices:
+                    continue  # cut by a stop string already
+                request = self.requests[i]
+                if event[0] == "error":
+                    yield ("error", event[1])
+                    return
+                if event[0] == "token":
+                    _, token, logprob, top = event
+                    text, stopped = stoppers[i].push(decoders[i].push(token))
+                    entries = [] if top is None else [self._token_entry(token, logprob, top)]
+                    if text or entries:
+                        yield ("text", i, text, entries)
+                    if stopped:
+                        self.engine.cancel(request)
+                        open_choices.discard(i)
+                        yield ("finish", i, "stop", len(request.output))
+                    continue
+                _, reason, count = event
+                open_choices.discard(i)
+                if reason == "cancelled":
+                    continue
+                text, stopped = stoppers[i].push(decoders[i].flush())
+                text += "" if stopped else stoppers[i].flush()
+                if text:
+                    yield ("text", i, text, [])
+                yield ("finish", i, "stop" if stopped else reason, count)
+        except Exception as e:  # reported to this client only; the engine lives on
+            yield ("error", f"{type(e).__name__}: {e}")
+        finally:
+            self.cancel()
 
 
 def _sse(data: dict[str, Any] | str) -> str:
@@ -234,6 +204,7 @@ def create_app(
     embedding_model_name: str | None = None,
     api_key: str | None = None,
     max_queue: int = 64,
+    engine_config: EngineConfig | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app for a loaded `LanguageModel` (and `SentenceEmbedder`).
 
@@ -242,9 +213,15 @@ def create_app(
       model_name: the id clients pass as `model`.
       embedder: serves /v1/embeddings under `embedding_model_name` when given.
       api_key: when set, every endpoint but /health needs `Authorization: Bearer <api_key>`.
-      max_queue: requests that may wait behind the running one; more get 429.
+      max_queue: requests that may wait for a batch slot; more get 429.
+      engine_config: the engine's sizes (default EngineConfig()); its max_queue is replaced.
+
+    Raises:
+      ValueError: an engine configuration whose KV cache cannot hold one full context.
     """
-    engine = Engine(max_queue)
+    config = dataclasses.replace(engine_config or EngineConfig(), max_queue=max_queue)
+    engine = Engine(lm.model, config)
+    embed_worker = concurrent.futures.ThreadPoolExecutor(1, "jaxlm-embed")
     context = lm.model.cfg.max_seq_len
     created = int(time.time())
 
@@ -252,6 +229,7 @@ def create_app(
     async def lifespan(app):
         yield
         engine.close()
+        embed_worker.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="jaxlm", lifespan=lifespan)
     app.state.engine = engine
@@ -286,7 +264,7 @@ def create_app(
                 code="model_not_found",
             )
 
-    def plan(req, prompts: list[list[int]]) -> Generation:
+    def plan(req, prompts: list[list[int]]) -> Job:
         limit = req.token_limit()
         for ids in prompts:
             if not ids:
@@ -301,20 +279,24 @@ def create_app(
                     code="context_length_exceeded",
                 )
         seed = req.seed if req.seed is not None else random.randrange(2**31)
-        expanded = [ids for ids in prompts for _ in range(req.n)]
-        return Generation(
-            prompts=expanded,
-            limits=[limit or context - len(ids) for ids in expanded],
-            # Choice i draws with seed + i, wrapped to an int64 (what jax.random.key takes).
-            seeds=[(seed + i % req.n + 2**63) % 2**64 - 2**63 for i in range(len(expanded))],
-            temperature=req.temperature,
-            top_p=req.top_p,
-            stops=req.stop_strings(),
-        )
+        shared = dict(
+            temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, logprobs=req.num_logprobs(),
+            logit_bias=req.bias_pairs(lm.model.cfg.vocab_size),
+        )  # fmt: skip
+        stop_ids = lm.tokenizer.stop_ids | frozenset(req.stop_token_ids or ())
+        requests = []
+        for ids in prompts:
+            for i in range(req.n):
+                # Choice i draws with seed + i, wrapped to an int64 (what jax.random.key takes).
+                params = SamplingParams(seed=(seed + i + 2**63) % 2**64 - 2**63, **shared)
+                requests.append(EngineRequest(ids, limit or context - len(ids), params, stop_ids))
+        return Job(lm, engine, requests, req.stop_strings())
 
     async def complete(request: Request, req, prompts: list[list[int]], chat: bool):
         job = plan(req, prompts)
-        events, cancel = engine.start(lambda emit, c: job.run(lm, emit, c))
+        events = await job.run()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         prompt_tokens = sum(len(ids) for ids in prompts)
         base = {
@@ -325,36 +307,41 @@ def create_app(
         }
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            stream = _stream(events, cancel, base, chat, include_usage, prompt_tokens)
+            stream = _stream(events, job, base, chat, include_usage, prompt_tokens)
             return StreamingResponse(stream, media_type="text/event-stream")
-        texts = [""] * len(job.prompts)
-        reasons: list[str | None] = [None] * len(job.prompts)
+        n = len(job.requests)
+        texts, entries = [""] * n, [[] for _ in range(n)]
+        reasons: list[str | None] = [None] * n
         completion_tokens = 0
         try:
-            async for event in _events_until_disconnect(request, events, cancel):
+            async for event in _until_disconnect(request, events, job):
                 if event[0] == "text":
                     texts[event[1]] += event[2]
+                    entries[event[1]] += event[3]
                 elif event[0] == "finish":
                     reasons[event[1]] = event[2]
                     completion_tokens += event[3]
                 elif event[0] == "error":
                     raise APIError(500, event[1], type="server_error")
         finally:
-            cancel.set()
+            job.cancel()
+        logprobs = [None] * n
+        if req.num_logprobs() is not None:
+            logprobs = [_logprobs(e, chat) for e in entries]
         if chat:
             choices = [
                 {
                     "index": i,
                     "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
+                    "logprobs": lp,
                     "finish_reason": reason,
                 }
-                for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))
+                for i, (text, reason, lp) in enumerate(zip(texts, reasons, logprobs, strict=True))
             ]
         else:
             choices = [
-                {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))
+                {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
+                for i, (text, reason, lp) in enumerate(zip(texts, reasons, logprobs, strict=True))
             ]
         return {
             **base,
@@ -366,8 +353,6 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, req: ChatCompletionRequest):
         check_model(req.model, model_name)
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported yet", param="logprobs")
         messages = [m.as_template_message() for m in req.messages]
         try:
             ids = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -378,8 +363,8 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request, req: CompletionRequest):
         check_model(req.model, model_name)
-        if req.logprobs is not None or req.echo:
-            raise APIError(400, "logprobs and echo are not supported yet", param="logprobs")
+        if req.echo:
+            raise APIError(400, "echo is not supported", param="echo")
         prompt = req.prompt
         if isinstance(prompt, str) or isinstance(prompt[0], int):
             prompt = [prompt]
@@ -398,7 +383,8 @@ def create_app(
     async def embeddings(req: EmbeddingRequest):
         check_model(req.model, embedding_model_name if embedder is not None else None)
         texts = [req.input] if isinstance(req.input, str) else req.input
-        vectors = await engine.call(lambda: embedder.embed(texts))
+        loop = asyncio.get_running_loop()
+        vectors = await loop.run_in_executor(embed_worker, embedder.embed, texts)
         tokens = sum(len(embedder.tokenizer.encode(t, add_special_tokens=True)) for t in texts)
 
         def encode(v: np.ndarray):
@@ -427,7 +413,13 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "in_flight": engine.in_flight}
+        stats = engine.stats()
+        return {"status": "ok", "model": model_name, **stats}
+
+    @app.get("/metrics")
+    async def metrics():
+        body, content_type = engine.metrics.render()
+        return Response(body, media_type=content_type)
 
     return app
 
@@ -440,29 +432,59 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-async def _events_until_disconnect(request: Request, events, cancel) -> AsyncIterator[tuple]:
-    """The worker's events; stops (and cancels the decode) when the client goes away."""
-    while True:
-        try:
-            event = await asyncio.wait_for(events.get(), timeout=0.5)
-        except TimeoutError:
-            if await request.is_disconnected():
-                cancel.set()
+def _logprobs(entries: list[dict[str, Any]], chat: bool) -> dict[str, Any]:
+    """Per-token log-probabilities in the chat or the legacy completions format."""
+    if chat:
+        content = [
+            {**e, "bytes": list(e["token"].encode()),
+             "top_logprobs": [{**t, "bytes": list(t["token"].encode())} for t in e["top_logprobs"]]}
+            for e in entries
+        ]  # fmt: skip
+        return {"content": content}
+    offsets, position = [], 0
+    for e in entries:
+        offsets.append(position)
+        position += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+async def _until_disconnect(request: Request, events, job: Job) -> AsyncIterator[tuple]:
+    """The job's events; stops (and cancels the job) when the client goes away."""
+    iterator = aiter(events)
+    pending = asyncio.ensure_future(anext(iterator))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=0.5)
+            if not done:
+                if await request.is_disconnected():
+                    job.cancel()
+                    return
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
                 return
-            continue
-        if event[0] == "end":
-            return
-        yield event
+            yield event
+            pending = asyncio.ensure_future(anext(iterator))
+    finally:
+        pending.cancel()
+        await events.aclose()
 
 
-async def _stream(events, cancel, base, chat: bool, include_usage: bool, prompt_tokens: int):
-    """SSE chunks in OpenAI's order; a cancelled stream (client gone) cancels the decode."""
+async def _stream(events, job: Job, base, chat: bool, include_usage: bool, prompt_tokens: int):
+    """SSE chunks in OpenAI's order; a cancelled stream (client gone) cancels the job."""
 
-    def chunk(index: int, delta: dict[str, Any] | str, reason: str | None = None) -> str:
+    def chunk(index, delta, reason: str | None = None, entries=None) -> str:
+        logprobs = None if entries is None else _logprobs(entries, chat)
         if chat:
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         else:
-            choice = {"index": index, "text": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": reason}
         body = {**base, "choices": [choice]}
         if include_usage:
             body["usage"] = None
@@ -470,12 +492,13 @@ async def _stream(events, cancel, base, chat: bool, include_usage: bool, prompt_
 
     completion_tokens = 0
     try:
-        async for event in _events(events):
+        async for event in events:
             kind = event[0]
             if kind == "start" and chat:
                 yield chunk(event[1], {"role": "assistant"})
             elif kind == "text":
-                yield chunk(event[1], {"content": event[2]} if chat else event[2])
+                entries = event[3] or None
+                yield chunk(event[1], {"content": event[2]} if chat else event[2], None, entries)
             elif kind == "finish":
                 completion_tokens += event[3]
                 yield chunk(event[1], {} if chat else "", event[2])
@@ -487,7 +510,19 @@ async def _stream(events, cancel, base, chat: bool, include_usage: bool, prompt_
             yield _sse({**base, "choices": [], "usage": usage})
         yield _sse("[DONE]")
     finally:
-        cancel.set()
+        job.cancel()
+        await events.aclose()
+
+
+def capacity_statement(engine: Engine) -> str:
+    """What the server says about its KV cache at start-up."""
+    c = engine.capacity()
+    return (
+        f"KV cache: {c['blocks']} blocks x {c['block_size']} tokens = {c['tokens']} tokens "
+        f"({c['bytes'] / 2**20:.1f} MiB, {engine.config.kv_dtype}); at most "
+        f"{c['max_seqs_at_full_context']} sequences of the full context "
+        f"({engine.model_cfg.max_seq_len} tokens) at once; batch of {c['max_batch']}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -505,6 +540,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("JAXLM_API_KEY"))
     parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    parser.add_argument(
+        "--num-blocks", type=int, default=None,
+        help="KV-cache blocks (default: --max-batch sequences of the whole context)",
+    )  # fmt: skip
+    parser.add_argument("--kv-dtype", default="float32", choices=("float32", "bfloat16", "int8"))
+    parser.add_argument("--prefill-chunk", type=int, default=256)
+    parser.add_argument("--no-prefix-cache", action="store_true")
     args = parser.parse_args(argv)
 
     lm = load_model_or_exit(args)
@@ -513,14 +557,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         embedder = load_model_or_exit(
             argparse.Namespace(model=args.embedding_model, dtype="float32")
         )
-    app = create_app(
-        lm,
-        model_name=args.model,
-        embedder=embedder,
-        embedding_model_name=args.embedding_model or None,
-        api_key=args.api_key,
-        max_queue=args.max_queue,
-    )
+    engine_config = EngineConfig(
+        max_batch=args.max_batch, block_size=args.block_size, num_blocks=args.num_blocks,
+        kv_dtype=args.kv_dtype, prefill_chunk=args.prefill_chunk,
+        prefix_cache=not args.no_prefix_cache,
+    )  # fmt: skip
+    try:
+        app = create_app(
+            lm,
+            model_name=args.model,
+            embedder=embedder,
+            embedding_model_name=args.embedding_model or None,
+            api_key=args.api_key,
+            max_queue=args.max_queue,
+            engine_config=engine_config,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(capacity_statement(app.state.engine), flush=True)
     print(
         f"serving {args.model} (context {lm.model.cfg.max_seq_len} tokens)"
         + (f" and embeddings from {args.embedding_model}" if embedder else "")

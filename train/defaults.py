@@ -88,7 +88,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.parallel.mesh = ml_collections.ConfigDict(
         {"pipeline": 1, "data": -1, "fsdp": 1, "tensor": 1}
     )
-    config.parallel.rules = "dp"
+    config.parallel.rules = "dp"  # pp, pp_dp_tp, ... map the layers to the pipeline axis
+    # Pipeline (mesh pipeline > 1): microbatches per step (0 = no pipeline), the schedule
+    # ("gpipe" or "circular") and the circular schedule's chunks per stage.
+    config.parallel.pipeline_microbatches = 0
+    config.parallel.pipeline_schedule = "gpipe"
+    config.parallel.pipeline_repeats = 1
 
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 2000

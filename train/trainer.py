@@ -400,9 +400,17 @@ def train_and_evaluate(
             graphdef, optimizer, tcfg.z_loss, tcfg.grad_accum_steps, dropout
         )
     else:
+        from parallel.pipeline import PipelineConfig
+
+        pcfg = config.parallel
+        pipeline = None
+        if pcfg.pipeline_microbatches:
+            pipeline = PipelineConfig(
+                pcfg.pipeline_microbatches, pcfg.pipeline_schedule, pcfg.pipeline_repeats
+            )
         sharded_step = make_sharded_train_step(
             graphdef, optimizer, mesh, rules, shardings, z_loss=tcfg.z_loss,
-            grad_accum_steps=tcfg.grad_accum_steps, dropout=dropout,
+            grad_accum_steps=tcfg.grad_accum_steps, dropout=dropout, pipeline=pipeline,
         )  # fmt: skip
 
         def train_step(state, batch, key, frozen):

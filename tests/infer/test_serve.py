@@ -20,6 +20,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from tiny_lm import tiny_lm  # noqa: E402
 
 from infer import generate  # noqa: E402
+from infer.engine import EngineConfig, Request  # noqa: E402
 from infer.serve import StopStrings, create_app  # noqa: E402
 
 NAME = "tiny"
@@ -63,7 +64,10 @@ def lm():
 
 @pytest.fixture(scope="module")
 def server(lm):
-    live = LiveServer(create_app(lm, model_name=NAME, api_key=KEY, max_queue=2))
+    config = EngineConfig(max_batch=4, prefill_chunk=32)
+    live = LiveServer(
+        create_app(lm, model_name=NAME, api_key=KEY, max_queue=2, engine_config=config)
+    )
     yield live
     live.stop()
 
@@ -273,49 +277,47 @@ def test_bad_requests_never_give_5xx(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
-def test_full_queue_is_429_and_disconnect_cancels(server, client, lm, monkeypatch):
+def _wait_idle(engine, timeout=30):
+    deadline = time.monotonic() + timeout
+    while engine.stats()["running"] or engine.stats()["waiting"]:
+        assert time.monotonic() < deadline, engine.stats()
+        time.sleep(0.02)
+
+
+def _metric(server, name):
+    lines = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    values = [line.split()[-1] for line in lines.splitlines() if line.startswith(name + " ")]
+    return float(values[0])
+
+
+def test_full_queue_is_429_and_disconnect_cancels(server, client, monkeypatch):
     engine = server.app.state.engine
-    release = threading.Event()
-
-    def block(emit, cancel):
-        release.wait(10)
-
-    # Occupy the worker and fill the queue (max_queue=2) from the server's own loop.
-    async def occupy():
-        for _ in range(3):
-            engine.start(block)
-
-    future = asyncio.run_coroutine_threadsafe(occupy(), server.loop)
-    future.result(5)
+    engine.pause()  # nothing leaves the queue while it is held
     try:
+        engine.submit(*[Request([1, 2, 3], 2) for _ in range(2)])  # max_queue=2: full
         with pytest.raises(openai.RateLimitError):
             client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=2)
+        assert _metric(server, "jaxlm_queue_length") == 2
     finally:
-        release.set()
-    deadline = time.monotonic() + 10
-    while engine.in_flight:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    # A client that reads one chunk and leaves: its decode stops early. (Slowed down so that
-    # the tiny model cannot finish before the server notices.)
+        engine.resume()
+    _wait_idle(engine)
+    # A client that reads one chunk and leaves: its sequence stops early and frees its blocks.
+    # (Each decode step is slowed so that the tiny model cannot finish first.)
     cancelled = engine.cancelled
-    slow_push = lm.tokenizer.stream_decoder
-
-    def slow_decoder():
-        decoder = slow_push()
-        push = decoder.push
-        decoder.push = lambda token: (time.sleep(0.02), push(token))[1]
-        return decoder
-
-    monkeypatch.setattr(lm.tokenizer, "stream_decoder", slow_decoder)
+    decode = engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda requests: (time.sleep(0.02), decode(requests)))
     with client.chat.completions.create(
-        model=NAME, messages=MESSAGES, max_tokens=120, temperature=0, stream=True
+        model=NAME, messages=MESSAGES, max_tokens=110, temperature=0, stream=True
     ) as stream:
         next(iter(stream))
-    while engine.in_flight:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+        time.sleep(0.1)
+        assert _metric(server, "jaxlm_running_sequences") == 1
+        assert _metric(server, "jaxlm_kv_blocks_used") > 0
+    _wait_idle(engine)
     assert engine.cancelled == cancelled + 1
+    assert engine.stats()["blocks_used"] == 0
+    assert _metric(server, "jaxlm_running_sequences") == 0
+    assert _metric(server, "jaxlm_kv_blocks_used") == 0
     assert httpx.get(server.url + "/health").status_code == 200
 
 
@@ -332,6 +334,102 @@ def test_error_during_a_stream_ends_it_and_the_server_lives_on(client, lm, monke
             list(stream)
     reply = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=4)
     assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.fixture(scope="module")
+def batch_server(lm):
+    """A second app over the same model and shapes (no new compilation), with a long queue."""
+    config = EngineConfig(max_batch=4, prefill_chunk=32)
+    live = LiveServer(create_app(lm, model_name=NAME, max_queue=64, engine_config=config))
+    yield live
+    live.stop()
+
+
+def test_32_concurrent_streams_equal_their_solo_outputs(batch_server, lm):
+    prompts = [f"{i} little {'pigs' if i % 2 else 'ducks'} went" + "!" * (i % 7) for i in range(32)]
+    client = batch_server.client(api_key="unused", timeout=120)
+    texts = [None] * len(prompts)
+
+    def stream(i):
+        chunks = client.completions.create(
+            model=NAME, prompt=prompts[i], max_tokens=10, temperature=0, stream=True
+        )
+        texts[i] = "".join(c.choices[0].text for c in chunks)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert texts == [generate(lm, p, max_tokens=10) for p in prompts]
+    engine = batch_server.app.state.engine
+    _wait_idle(engine)
+    assert engine.stats()["blocks_used"] == 0
+    metrics = httpx.get(batch_server.url + "/metrics").text
+    assert "jaxlm_time_to_first_token_seconds_count 32.0" in metrics
+    assert "jaxlm_time_per_output_token_seconds_count" in metrics
+
+
+def test_logprobs_and_new_sampling_parameters(client, lm):
+    reply = client.chat.completions.create(
+        model=NAME, messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = reply.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == reply.choices[0].message.content
+    assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+    assert all(c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+    reply = client.completions.create(
+        model=NAME, prompt="abc", max_tokens=4, temperature=0, logprobs=3,
+        logit_bias={"66": 100}, extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2},
+    )  # fmt: skip
+    choice = reply.choices[0]
+    assert choice.text == lm.tokenizer.decode([66] * 4)
+    assert choice.logprobs.tokens == [lm.tokenizer.decode([66])] * 4
+    assert len(choice.logprobs.top_logprobs[0]) == 3
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=NAME, prompt="abc", logit_bias={"x": 1})
+    assert e.value.body["param"] == "logit_bias"
+
+
+def test_fuzzed_requests_never_give_5xx(server):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    schemas = server.app.openapi()["components"]["schemas"]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    leaf = (
+        st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=6)
+        | st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from([0, 1, 2, 0.5, -1])
+    )  # fmt: skip
+    values = st.recursive(
+        leaf,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+        max_leaves=6,
+    )
+
+    @st.composite
+    def bodies(draw):
+        chat = draw(st.booleans())
+        schema = schemas["ChatCompletionRequest" if chat else "CompletionRequest"]
+        body = {"model": NAME, "max_tokens": 2}
+        body.update({"messages": MESSAGES} if chat else {"prompt": "hi"})
+        fields = draw(st.lists(st.sampled_from(sorted(schema["properties"])), max_size=3))
+        for field in fields:
+            body[field] = draw(values)
+        return ("/v1/chat/completions" if chat else "/v1/completions"), body
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(bodies())
+    def check(case):
+        path, body = case
+        r = httpx.post(server.url + path, json=body, headers=headers, timeout=60)
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code >= 400:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    assert server.app.state.engine.stats()["blocks_used"] == 0
 
 
 @pytest.mark.slow

@@ -66,3 +66,17 @@ def test_fsdp_tp_run_matches_one_device_and_resumes(corpus, tmp_path):
     train(tmp_path / "resumed", 8, *sharded_args, "train.num_steps=3")
     resumed = train(tmp_path / "resumed", 8, *sharded_args)
     assert resumed["val_loss"] == pytest.approx(sharded["val_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_pipelined_run_matches_one_device(corpus, tmp_path):
+    common = ["train.num_steps=3", "data.batch_size=8", f"data.source={corpus}"]
+    common += ["train.sample_tokens=0", "optimizer.decay_steps=3", "model.num_layers=4"]
+    single = train(tmp_path / "one", 1, *common)
+    piped = train(
+        tmp_path / "pp", 8, *common, "parallel.rules=pp_dp_tp", "parallel.mesh.pipeline=2",
+        "parallel.mesh.data=-1", "parallel.mesh.tensor=2", "parallel.pipeline_microbatches=4",
+    )  # fmt: skip
+    for step, loss in single["losses"].items():
+        assert piped["losses"][step] == pytest.approx(loss, rel=1e-4)
+    assert piped["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)

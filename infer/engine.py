@@ -1,0 +1,464 @@
+"""The continuous-batching engine: a scheduler thread over a paged KV cache.
+
+Requests wait in a queue; at every iteration the scheduler admits as many as there are free
+batch slots and KV blocks for their prompts, runs one prefill chunk (one request, padded to a
+power-of-two bucket) and one decode step for every decoding slot (a fixed [max_batch] shape,
+idle slots masked), and hands each new token to its request's callback. A sequence that
+finishes or is cancelled frees its slot and blocks at once. Blocks are allocated as sequences
+grow; when none is left the most recently admitted sequence is preempted (its blocks freed, its
+tokens recomputed when it is admitted again). Two jitted programs per (rows, length) shape,
+compiled once: no compilation per request or token.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from infer.kv_cache import BlockAllocator, CacheSpec, block_hashes, with_rows
+from infer.metrics import EngineMetrics
+from infer.sampling import ROW_FIELDS, SamplingParams, sample_rows, seed_key_data
+from models.layers import PagedKVCache
+
+log = logging.getLogger(__name__)
+# Events a request's callback receives, from the engine thread:
+#   ("token", id, logprob, [(id, logprob), ...] top_logprobs or None)
+#   ("finish", reason, completion_tokens)   reason: "stop" | "length" | "cancelled"
+#   ("error", message)                      the request is over
+Event = tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Sizes of the engine. num_blocks None: room for max_batch sequences of full context."""
+
+    max_batch: int = 8
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_dtype: str = "float32"  # or "int8"
+    max_queue: int = 64
+    prefill_chunk: int = 256  # most prompt tokens per prefill call (a power of two)
+    prefix_cache: bool = True
+
+
+class QueueFull(Exception):
+    """The waiting queue holds max_queue requests already."""
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One sequence to generate; `on_event` gets its events (see `Event`)."""
+
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams = SamplingParams(temperature=0.0)
+    stop_ids: frozenset[int] = frozenset()
+    on_event: Callable[[Event], None] = lambda event: None
+    output: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    # Scheduler state, owned by the engine thread.
+    order: int = 0
+    slot: int | None = None
+    table: list[int] = dataclasses.field(default_factory=list)
+    cached: int = 0  # tokens whose keys and values are in the cache
+    hashes: list[bytes] = dataclasses.field(default_factory=list)
+    cancelled: bool = False
+    submitted: float = 0.0
+    last_token: float | None = None
+
+    def context(self) -> list[int]:
+        """The tokens to hold in the cache: the prompt and all output but the newest token."""
+        return self.prompt + self.output[:-1]
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef",), donate_argnames=("pages", "counts", "seen")
+)
+def _forward(graphdef, state, pages, tokens, tables, lengths, num_new, logit_index, slots,
+             update, rows, key_data, steps, counts, seen, bias):  # fmt: skip
+    """Runs tokens [B, T] of rows `slots` through the model into the paged cache; samples.
+
+    Prefill is B=1 with T a bucket; decode is B=max_batch with T=1. `update` [B] marks the rows
+    whose sampled token counts for the penalties.
+    """
+    model = nnx.merge(graphdef, state)
+    cache = with_rows(PagedKVCache(*pages[:2], None, None, None, *pages[2:]), tables, lengths,
+                      num_new)  # fmt: skip
+    positions = lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    logits, cache = model(tokens, positions=positions, cache=cache, logits_positions=logit_index)
+    tok, lp, top_ids, top_lp = sample_rows(
+        logits[:, 0], rows, key_data, steps, counts[slots], seen[slots], bias[slots]
+    )
+    counts = counts.at[slots, tok].add(update.astype(jnp.int32))
+    seen = seen.at[slots, tok].set(seen[slots, tok] | update)
+    pages = (cache.key, cache.value, cache.key_scale, cache.value_scale)
+    return tok, lp, top_ids, top_lp, pages, counts, seen
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+def _set_row(counts, seen, bias, slot, counts_row, seen_row, bias_row):
+    return counts.at[slot].set(counts_row), seen.at[slot].set(seen_row), bias.at[slot].set(bias_row)
+
+
+class Engine:
+    """Continuous batching of a `models.Decoder` over a paged KV cache, on its own thread.
+
+    Args:
+      model: the decoder (its cfg.max_seq_len is the context).
+      config: sizes (EngineConfig).
+
+    Raises:
+      ValueError: a cache that cannot hold one sequence of the whole context.
+    """
+
+    def __init__(self, model: nnx.Module, config: EngineConfig = EngineConfig()):
+        cfg = self.model_cfg = model.cfg
+        self.config = config
+        bs = config.block_size
+        per_seq = -(-cfg.max_seq_len // bs)
+        num_blocks = config.num_blocks or config.max_batch * per_seq + 1
+        self.spec = CacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks, bs,
+                              cfg.max_seq_len, config.kv_dtype)  # fmt: skip
+        self.spec.check()
+        self.allocator = BlockAllocator(num_blocks, bs)
+        self.graphdef, self.state = nnx.split(model)
+        cache = self.spec.init()
+        self.pages = (cache.key, cache.value, cache.key_scale, cache.value_scale)
+        s, v = config.max_batch, cfg.vocab_size
+        self.counts = jnp.zeros((s, v), jnp.int32)
+        self.seen = jnp.zeros((s, v), bool)
+        self.bias = jnp.zeros((s, v), jnp.float32)
+        self.slots: list[Request | None] = [None] * s
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.cancelled = 0  # requests that ended by cancel()
+        self.steps = 0  # decode steps run
+        self.metrics = EngineMetrics(self.stats)
+        self._orders = iter(range(1 << 62))
+        self._cond = threading.Condition()
+        self._closed = self._paused = False
+        self._thread = threading.Thread(target=self._run, name="jaxlm-engine", daemon=True)
+        self._thread.start()
+
+    # -- the client side (any thread) ------------------------------------------------------------
+
+    def capacity(self) -> dict[str, int]:
+        return {**self.spec.capacity(), "max_batch": self.config.max_batch}
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "waiting": len(self.waiting),
+            "running": sum(r is not None for r in self.slots),
+            "blocks_used": self.allocator.used,
+            "blocks_total": self.allocator.capacity,
+            "cancelled": self.cancelled,
+        }
+
+    def check(self, request: Request) -> None:
+        """Raises ValueError for a request that is invalid or can never fit the cache."""
+        n, context = len(request.prompt), self.model_cfg.max_seq_len
+        if n == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if n >= context:
+            raise ValueError(f"the prompt has {n} tokens; the model's context is {context}")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if max(request.prompt) >= self.model_cfg.vocab_size or min(request.prompt) < 0:
+            raise ValueError(f"prompt token ids must be in [0, {self.model_cfg.vocab_size})")
+        request.params.check(self.model_cfg.vocab_size)
+        total = min(n + request.max_tokens, context)
+        if self.allocator.blocks_for(total) > self.allocator.capacity:
+            raise ValueError(
+                f"the request needs {total} tokens of KV cache and the whole cache holds "
+                f"{self.allocator.capacity * self.config.block_size}: it can never fit"
+            )
+
+    def submit(self, *requests: Request) -> None:
+        """Queues requests, all or none (n choices of one API call).
+
+        Raises:
+          ValueError: a request that is invalid or can never fit (see `check`).
+          QueueFull: the queue has no room for all of them.
+        """
+        for request in requests:
+            self.check(request)
+        with self._cond:
+            if len(self.waiting) + len(requests) > self.config.max_queue:
+                raise QueueFull(
+                    f"{len(self.waiting)} requests are already waiting "
+                    f"(max_queue={self.config.max_queue})"
+                )
+            for request in requests:
+                request.order, request.submitted = next(self._orders), time.perf_counter()
+                self.waiting.append(request)
+            self._cond.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Stops a request; its slot and blocks are freed before the next step."""
+        with self._cond:
+            if request.finish_reason is None:
+                request.cancelled = True
+                self._cond.notify()
+
+    def generate(self, requests: Sequence[Request], timeout: float = 600) -> list[list[int]]:
+        """Submits requests, waits for them all; returns their output tokens (tests, benchmark)."""
+        done = threading.Semaphore(0)
+        for request in requests:
+            user = request.on_event
+
+            def on_event(event, user=user):
+                user(event)
+                if event[0] in ("finish", "error"):
+                    done.release()
+
+            request.on_event = on_event
+        self.submit(*requests)
+        for _ in requests:
+            if not done.acquire(timeout=timeout):
+                raise TimeoutError(f"requests unfinished after {timeout}s")
+        return [r.output for r in requests]
+
+    def pause(self) -> None:
+        """Holds the scheduler after its current step (tests fill the queue this way)."""
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # -- the engine thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and (self._paused or not self._busy()):
+                    self._cond.wait()
+                if self._closed:
+                    return
+                self._reap_cancelled()
+            try:
+                self._admit()
+                self._step()
+            except Exception as e:  # fail the running requests; the engine lives on
+                log.exception("engine step failed")
+                for request in [r for r in self.slots if r is not None]:
+                    self._finish(request, None, error=f"{type(e).__name__}: {e}")
+
+    def _busy(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.slots)
+
+    def _reap_cancelled(self) -> None:
+        for request in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(request)
+            self._finish(request, "cancelled")
+        for request in self.slots:
+            if request is not None and request.cancelled:
+                self._finish(request, "cancelled")
+
+    def _admit(self) -> None:
+        while self.waiting and None in self.slots:
+            with self._cond:
+                request = self.waiting[0]
+            context = request.context()
+            hashes = []
+            if self.config.prefix_cache:  # the last token is always computed: it gives logits
+                hashes = block_hashes(context[:-1], self.config.block_size)
+            if not self.allocator.can_allocate(len(context), hashes):
+                return  # first come, first served: the head waits for blocks
+            with self._cond:
+                self.waiting.popleft()
+            request.table, hit = self.allocator.allocate(len(context), hashes)
+            request.hashes, request.cached = hashes, hit * self.config.block_size
+            request.slot = self.slots.index(None)
+            self.slots[request.slot] = request
+            self._reset_row(request)
+            self.metrics.prompt_tokens.inc(len(request.prompt))
+            self.metrics.prefix_hit_tokens.inc(request.cached)
+
+    def _reset_row(self, request: Request) -> None:
+        v = self.model_cfg.vocab_size
+        counts = np.bincount(np.asarray(request.output, np.int64), minlength=v).astype(np.int32)
+        seen = np.zeros(v, bool)
+        seen[request.prompt] = True
+        seen[request.output] = True
+        bias = np.zeros(v, np.float32)
+        for token, value in request.params.logit_bias:
+            bias[token] = value
+        self.counts, self.seen, self.bias = _set_row(
+            self.counts, self.seen, self.bias, request.slot, counts, seen, bias
+        )
+
+    def _step(self) -> None:
+        running = sorted((r for r in self.slots if r is not None), key=lambda r: r.order)
+        prefilling = [r for r in running if r.cached < len(r.context())]
+        if prefilling:
+            self._prefill_chunk(prefilling[0])
+        decoding = []
+        for r in running:
+            ready = r.slot is not None and r.finish_reason is None and r.output
+            if ready and r.cached == len(r.context()) and self._grow(r):
+                decoding.append(r)
+        decoding = [r for r in decoding if r.slot is not None]  # none preempted after growing
+        if decoding:
+            self._decode(decoding)
+
+    def _grow(self, request: Request) -> bool:
+        """Gives request a block for its next token, preempting the newest if none is free."""
+        bs = self.config.block_size
+        while len(request.table) * bs < request.cached + 1:
+            if self.allocator.free:
+                self.allocator.grow(request.table, 1)
+                continue
+            victim = max((r for r in self.slots if r is not None), key=lambda r: r.order)
+            self._preempt(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.allocator.release(request.table)
+        self.slots[request.slot] = None
+        request.table, request.cached, request.slot = [], 0, None
+        with self._cond:
+            self.waiting.appendleft(request)
+        self.metrics.preemptions.inc()
+
+    def _table_width(self, requests: Sequence[Request]) -> int:
+        """Block-table columns for a call: a power of two covering the longest table.
+
+        Attention reads every column, so short sequences should not pay for the whole context;
+        a few widths compile (log2 of the context in blocks), never one per request.
+        """
+        longest = max(len(r.table) for r in requests)
+        return min(max(4, 1 << (longest - 1).bit_length()), self.spec.max_blocks_per_seq)
+
+    def _rows(self, requests: Sequence[Request], size: int, width: int):
+        """Per-row settings, seed keys and block tables for `requests` in rows 0.. of `size`."""
+        rows = np.zeros((size, len(ROW_FIELDS)), np.float32)
+        rows[:, ROW_FIELDS.index("top_p")] = 1.0
+        rows[:, ROW_FIELDS.index("repetition_penalty")] = 1.0
+        keys = np.zeros((size, 2), np.uint32)
+        tables = np.zeros((size, width), np.int32)
+        for i, r in enumerate(requests):
+            rows[i], keys[i] = r.params.row(), seed_key_data(r.params.seed)
+            tables[i, : len(r.table)] = r.table
+        return rows, keys, tables
+
+    def _call(self, tokens, tables, lengths, num_new, logit_index, slots, update, rows, keys,
+              steps):  # fmt: skip
+        out = _forward(
+            self.graphdef, self.state, self.pages, tokens, tables, lengths, num_new, logit_index,
+            slots, update, rows, keys, steps, self.counts, self.seen, self.bias,
+        )  # fmt: skip
+        tok, lp, top_ids, top_lp, self.pages, self.counts, self.seen = out
+        return jax.device_get((tok, lp, top_ids, top_lp))
+
+    def _prefill_chunk(self, request: Request) -> None:
+        context, start = request.context(), request.cached
+        remaining = len(context) - start
+        size = min(_bucket(remaining), self.config.prefill_chunk, self.model_cfg.max_seq_len)
+        num = min(remaining, size)
+        tokens = np.zeros((1, size), np.int32)
+        tokens[0, :num] = context[start : start + num]
+        final = start + num == len(context)
+        sample = final and not request.output  # a preempted request already has its token
+        rows, keys, tables = self._rows([request], 1, self._table_width([request]))
+        i32 = functools.partial(np.asarray, dtype=np.int32)
+        tok, lp, top_ids, top_lp = self._call(
+            tokens, tables, i32([start]), i32([num]), i32([num - 1]), i32([request.slot]),
+            np.asarray([sample]), rows, keys, i32([0]),
+        )  # fmt: skip
+        request.cached += num
+        if final:
+            self.allocator.register(request.table, request.hashes)
+        if sample:
+            self._accept(request, int(tok[0]), lp[0], top_ids[0], top_lp[0])
+
+    def _decode(self, requests: list[Request]) -> None:
+        size = self.config.max_batch
+        slot_rows = [None] * size
+        for r in requests:
+            slot_rows[r.slot] = r
+        active = [r for r in slot_rows if r is not None]
+        order = [r.slot for r in active]
+        width = self._table_width(active)
+        rows_a, keys_a, tables_a = self._rows(active, len(active), width)
+        rows, keys, tables = self._rows([], size, width)
+        rows[order], keys[order], tables[order] = rows_a, keys_a, tables_a
+        tokens, lengths, steps = (np.zeros((size, 1), np.int32), np.zeros(size, np.int32),
+                                  np.zeros(size, np.int32))  # fmt: skip
+        update = np.zeros(size, bool)
+        for r in active:
+            tokens[r.slot, 0], lengths[r.slot] = r.output[-1], r.cached
+            steps[r.slot], update[r.slot] = len(r.output), True
+        tok, lp, top_ids, top_lp = self._call(
+            tokens, tables, lengths, update.astype(np.int32), np.zeros(size, np.int32),
+            np.arange(size, dtype=np.int32), update, rows, keys, steps,
+        )  # fmt: skip
+        self.steps += 1
+        for r in active:  # in slot order; the API's ordering of choices does not depend on it
+            r.cached += 1
+            self._accept(r, int(tok[r.slot]), lp[r.slot], top_ids[r.slot], top_lp[r.slot])
+
+    def _accept(self, request: Request, token: int, lp, top_ids, top_lp) -> None:
+        now = time.perf_counter()
+        if request.last_token is None:
+            self.metrics.ttft.observe(now - request.submitted)
+        else:
+            self.metrics.per_token.observe(now - request.last_token)
+        request.last_token = now
+        if token in request.stop_ids:
+            self._finish(request, "stop")
+            return
+        request.output.append(token)
+        self.metrics.generated_tokens.inc()
+        top = None
+        if (k := request.params.logprobs) is not None:
+            top = [(int(i), float(v)) for i, v in zip(top_ids[:k], top_lp[:k], strict=True)]
+        self._emit(request, ("token", token, float(lp), top))
+        full = len(request.prompt) + len(request.output) >= self.model_cfg.max_seq_len
+        if len(request.output) >= request.max_tokens or full:
+            self._finish(request, "length")
+
+    def _finish(self, request: Request, reason: str | None, error: str | None = None) -> None:
+        if request.slot is not None:
+            self.allocator.release(request.table)
+            self.slots[request.slot] = None
+            request.table, request.slot = [], None
+        request.finish_reason = reason or "error"
+        if reason == "cancelled":
+            self.cancelled += 1
+        self.metrics.finished.labels(request.finish_reason).inc()
+        if error is not None:
+            self._emit(request, ("error", error))
+        else:
+            self._emit(request, ("finish", reason, len(request.output)))
+
+    def _emit(self, request: Request, event: Event) -> None:
+        try:
+            request.on_event(event)
+        except Exception:  # a broken consumer (e.g. its event loop is gone) stops its request
+            log.exception("request callback failed")
+            request.cancelled = True
+
+
+def _bucket(n: int) -> int:
+    """The prefill length for n tokens: a power of two, at least 16."""
+    return max(16, 1 << (n - 1).bit_length())
