@@ -82,6 +82,20 @@ def test_docstring_records_the_launch_command(path):
 @pytest.mark.parametrize("arg", [None, "runlocal"])
 def test_config_builds_and_its_model_config_validates(path, arg):
     config = load_config_script(f"{path}:{arg}" if arg else str(path))
+    if config.get("task") == "contrastive":  # CLIP: two towers, its own keys
+        from train.contrastive import clip_config_from
+
+        clip_config_from(config, vocab_size=64)  # validates both towers and the patch shapes
+        horizon = config.optimizer.decay_steps or config.train.num_steps
+        assert config.optimizer.warmup_steps < horizon
+        return
+    if config.init_from:  # fine-tuning: the model's shape comes from the checkpoint
+        assert config.data.objective == "sft"
+        assert config.optimizer.warmup_steps < (
+            config.optimizer.decay_steps or config.train.num_steps
+        )
+        assert arg != "runlocal" or config.train.num_steps <= 50
+        return
     # A SentencePiece config brings its vocabulary size; char/byte ones get a small stand-in.
     vocab_size = config.data.vocab_size or 64
     model_cfg = trainer.model_config_from(config, vocab_size)
@@ -94,10 +108,36 @@ def test_config_builds_and_its_model_config_validates(path, arg):
         assert config.train.num_steps <= 50
 
 
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
+    """A tiny random chat model (HF dir with tokenizer and template) and a chat JSONL, standing
+    in for a fine-tuning config's pretrained model and data."""
+    import sys
+
+    from models import hf
+    from train import sft
+
+    sys.path.insert(0, str(REPO / "tests" / "infer"))
+    from tiny_lm import tiny_lm
+
+    lm = tiny_lm()
+    directory = tmp_path_factory.mktemp("tiny_chat")
+    hf.save_hf_dir(lm.model, directory / "model", tokenizer=lm.tokenizer)
+    chat = [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Him."}]
+    sft.write_chat_jsonl(directory / "chats.jsonl", [chat] * 8)
+    return directory / "model", directory / "chats.jsonl"
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=_ids(CONFIGS))
-def test_runlocal_trains_one_step(path, text_file, tmp_path):
+def test_runlocal_trains_one_step(path, text_file, tiny_chat_model, tmp_path):
     config = load_config_script(f"{path}:runlocal")
-    overrides = [f"data.source={text_file}", "train.num_steps=1", "train.sample_tokens=0"]
+    overrides = ["train.num_steps=1"]
+    if config.get("init_from"):  # fine-tuning: a tiny chat model and chats stand in for them
+        model_dir, chats = tiny_chat_model
+        overrides += [f"init_from={model_dir}", f"data.source={chats}"]
+        overrides += [f"data.val_source={chats}", "data.seq_len=64"]
+    elif config.get("task") != "contrastive":  # contrastive configs bring their own image data
+        overrides += [f"data.source={text_file}", "train.sample_tokens=0"]
     if not config.optimizer.decay_steps:  # keep the runlocal schedule (warmup < decay horizon)
         overrides.append(f"optimizer.decay_steps={config.train.num_steps}")
     apply_overrides(config, overrides)
@@ -105,5 +145,5 @@ def test_runlocal_trains_one_step(path, text_file, tmp_path):
     assert result.final_step == 1
     assert math.isfinite(result.train_loss) and math.isfinite(result.val_loss)
     assert (tmp_path / "checkpoints" / "1").is_dir()
-    if config.train.sample_tokens:
+    if config.train.get("sample_tokens"):
         assert len(result.samples) == 1
