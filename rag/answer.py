@@ -68,16 +68,22 @@ class Answer:
     raw_text: str
 
 
+def grounded_user_content(question: str, hits: Sequence[Hit]) -> str:
+    """The user turn that carries the numbered sources, then the question and the instruction."""
+    if not hits:
+        return f"{NO_SOURCES_PROMPT}\n\nQuestion: {question}"
+    blocks = [f"[{i}] ({h.chunk.title})\n{h.chunk.text}" for i, h in enumerate(hits, start=1)]
+    # The question and the instruction come last: SmolLM2-135M follows what it read last
+    # (with the instruction only in the system prompt it wandered off the sources).
+    return "Sources:\n\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}\n{ANSWER_PROMPT}"
+
+
 def build_messages(question: str, hits: Sequence[Hit]) -> Messages:
     """Chat messages: the grounding instructions, then the numbered sources and the question."""
-    if not hits:
-        user = f"{NO_SOURCES_PROMPT}\n\nQuestion: {question}"
-    else:
-        blocks = [f"[{i}] ({h.chunk.title})\n{h.chunk.text}" for i, h in enumerate(hits, start=1)]
-        # The question and the instruction come last: SmolLM2-135M follows what it read last
-        # (with the instruction only in the system prompt it wandered off the sources).
-        user = "Sources:\n\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}\n{ANSWER_PROMPT}"
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": grounded_user_content(question, hits)},
+    ]
 
 
 def resolve_citations(text: str, num_sources: int) -> tuple[str, list[int], list[int]]:
@@ -169,3 +175,101 @@ def format_answer(result: Answer) -> str:
     else:
         lines.append("No relevant sources were retrieved.")
     return "\n".join(lines)
+
+
+def message_text(content) -> str:
+    """The text of a chat message's content: a string, or OpenAI-style parts (text kept)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            part.get("text", "")
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    raise ValueError(f"message content must be a string or a list of parts, got {type(content)}")
+
+
+def augment_messages(
+    index: Index,
+    messages: Sequence[dict],
+    top_k: int = 3,
+    *,
+    min_similarity: float = MIN_SIMILARITY,
+    mode: str = "hybrid",
+    **search_kwargs,
+) -> tuple[Messages, list[Hit]]:
+    """Grounds a chat request in the index, for a server started with `--rag-index DIR`.
+
+    The last user message is the query. When relevant chunks are found, that message is replaced
+    by the numbered sources, the question and the citation instruction (`build_messages`' user
+    turn), and the grounding instructions go first in the system message (merged with the
+    request's own system message, if any). Earlier turns are kept as they are. With no relevant
+    chunk the messages come back unchanged and the source list is empty: the server answers as
+    it would without an index (it may say so, e.g. with `render_sources([])`).
+
+    Args:
+      index: an open `rag.index.Index`.
+      messages: OpenAI-style chat messages ({"role", "content"}); not modified.
+      top_k: most sources added (SmolLM2-135M drifts to the wrong source with 4).
+      min_similarity: hits below this dense similarity are dropped (`answer`).
+      mode / **search_kwargs: passed to `Index.search` (filters, reranker).
+
+    Returns:
+      (messages for the model, the hits numbered [1]..[n] in them).
+
+    Raises:
+      ValueError: no user message, or an unreadable content.
+    """
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if last_user is None:
+        raise ValueError(
+            f"no user message to retrieve for among roles {[m.get('role') for m in messages]}"
+        )
+    question = message_text(messages[last_user]["content"])
+    hits = [
+        h
+        for h in index.search(question, top_k, mode=mode, **search_kwargs)
+        if h.dense >= min_similarity
+    ]
+    out = [dict(m) for m in messages]
+    if not hits:
+        return out, []
+    out[last_user] = {"role": "user", "content": grounded_user_content(question, hits)}
+    if out and out[0].get("role") == "system":
+        out[0]["content"] = SYSTEM_PROMPT + "\n\n" + message_text(out[0]["content"])
+    else:
+        out.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
+    return out, hits
+
+
+def render_sources(hits: Sequence[Hit], reply: str | None = None) -> tuple[str | None, list[dict]]:
+    """JSON-ready sources for a response, and the reply with invalid citations removed.
+
+    Args:
+      hits: the sources from `augment_messages`, numbered from 1.
+      reply: the model's text; None when only the sources are wanted.
+
+    Returns:
+      (cleaned reply or None, [{"number", "source", "title", "start", "end", "score",
+      "similarity", "text", "cited"}]); "cited" is whether the reply cites that number.
+    """
+    cited: list[int] = []
+    text = None
+    if reply is not None:
+        text, cited, _ = resolve_citations(reply, len(hits))
+    sources = [
+        {
+            "number": i,
+            "source": h.chunk.source,
+            "title": h.chunk.title,
+            "start": h.chunk.start,
+            "end": h.chunk.end,
+            "score": h.score,
+            "similarity": h.dense,
+            "text": h.chunk.text,
+            "cited": i in cited,
+        }
+        for i, h in enumerate(hits, start=1)
+    ]
+    return text, sources

@@ -27,10 +27,12 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from rag import ann
 from rag import search as search_lib
 from rag.chunking import Chunk, ChunkConfig, chunk_document
 from rag.embed import DEFAULT_EMBEDDER, Embedder
 from rag.ingest import SourceDoc, read_documents
+from rag.rerank import WindowReranker
 
 FORMAT_VERSION = 1
 _SCHEMA = """
@@ -91,10 +93,17 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 class Index:
     """Chunks, their vectors and search over them, stored in one directory (see module doc)."""
 
-    def __init__(self, directory: pathlib.Path, embedder: Embedder, config: ChunkConfig):
+    def __init__(
+        self,
+        directory: pathlib.Path,
+        embedder: Embedder,
+        config: ChunkConfig,
+        dense_backend: str = "auto",
+    ):
         self.directory = directory
         self.embedder = embedder
         self.config = config
+        self.dense_backend = dense_backend
         self._db = sqlite3.connect(directory / "chunks.sqlite", isolation_level=None)
         self._db.executescript(_SCHEMA)
         self._load()
@@ -107,6 +116,7 @@ class Index:
         *,
         create: bool = False,
         config: ChunkConfig | None = None,
+        dense_backend: str = "auto",
     ) -> Index:
         """Opens (or with `create`, creates) the index in `directory`.
 
@@ -115,11 +125,14 @@ class Index:
           embedder: must have the name and dimension the index was built with.
           create: create an empty index when the directory has none.
           config: chunk sizes; None takes the index's (or the defaults for a new index).
+          dense_backend: "exact", "hnsw" (faiss, built in memory on first search) or "auto"
+            (`rag.ann.make_dense_search`).
 
         Raises:
           FileNotFoundError: no index there and not `create`.
           IndexMismatchError: built with another embedder, dimension or chunk config.
         """
+        ann.make_dense_search(np.zeros((0, 1), np.float32), dense_backend)  # validates the name
         directory = pathlib.Path(directory)
         manifest_path = directory / "manifest.json"
         if not manifest_path.exists():
@@ -156,7 +169,7 @@ class Index:
             raise IndexMismatchError(
                 f"{directory} was chunked with {stored}, but {config} was requested"
             )
-        return cls(directory, embedder, stored)
+        return cls(directory, embedder, stored, dense_backend)
 
     def close(self) -> None:
         self._db.close()
@@ -189,8 +202,8 @@ class Index:
         for path in self.directory.glob("vectors-*"):  # leftovers of an interrupted update
             if path.name != name:
                 path.unlink(missing_ok=True)
-        self.__dict__.pop("bm25", None)
-        self.__dict__.pop("sources", None)
+        for cached in ("bm25", "sources", "dense_search"):
+            self.__dict__.pop(cached, None)
 
     def _vectors_name(self) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'vectors'").fetchone()
@@ -203,6 +216,10 @@ class Index:
     @functools.cached_property
     def bm25(self) -> search_lib.BM25:
         return search_lib.BM25([c.text for c in self.chunks])
+
+    @functools.cached_property
+    def dense_search(self) -> ann.DenseSearch:
+        return ann.make_dense_search(self.vectors, self.dense_backend)
 
     @functools.cached_property
     def sources(self) -> list[str]:
@@ -321,16 +338,21 @@ class Index:
         source_contains: str | None = None,
         candidates: int = 50,
         rrf_k: int = 60,
+        reranker: WindowReranker | None = None,
+        rerank_depth: int = 20,
     ) -> list[Hit]:
         """Top-k chunks for `query`.
 
         Args:
           query: the question or keywords.
           k: number of results.
-          mode: "hybrid" (RRF of dense and BM25), "dense" (exact cosine) or "bm25".
+          mode: "hybrid" (RRF of dense and BM25), "dense" (cosine; exact or HNSW, see
+            `dense_backend`) or "bm25".
           source / source_contains: metadata filters on the chunk's source path.
           candidates: how many of each ranking enter the fusion.
           rrf_k: the RRF constant.
+          reranker: re-scores the first `rerank_depth` results of `mode` (`rag.rerank`).
+          rerank_depth: how many first-stage results the reranker sees.
 
         Returns:
           Hits, best first; each carries its dense similarity whatever the mode.
@@ -341,20 +363,23 @@ class Index:
             return []
         mask = search_lib.metadata_mask(self.sources, source, source_contains)
         query_vector = self._embed([query])[0]
-        dense = search_lib.dense_scores(query_vector, self.vectors)
+        depth = max(k, rerank_depth) if reranker is not None else k
         if mode == "dense":
-            rows = search_lib.top_k(dense, k, mask)
-            scored = [(int(r), float(dense[r])) for r in rows]
+            rows = self.dense_search.search(query_vector, depth, mask)
+            scored = [(int(r), float(self.vectors[r] @ query_vector)) for r in rows]
         elif mode == "bm25":
             scores = self.bm25.scores(query)
-            rows = search_lib.bm25_ranking(self.bm25, query, k, mask)
+            rows = search_lib.bm25_ranking(self.bm25, query, depth, mask)
             scored = [(int(r), float(scores[r])) for r in rows]
         else:
-            dense_rows = search_lib.top_k(dense, candidates, mask)
+            dense_rows = self.dense_search.search(query_vector, candidates, mask)
             bm25_rows = search_lib.bm25_ranking(self.bm25, query, candidates, mask)
             fused = search_lib.reciprocal_rank_fusion([dense_rows, bm25_rows], k=rrf_k)
-            scored = fused[:k]
-        return [Hit(r, self.chunks[r], s, float(dense[r])) for r, s in scored]
+            scored = fused[:depth]
+        hits = [Hit(r, self.chunks[r], s, float(self.vectors[r] @ query_vector)) for r, s in scored]
+        if reranker is not None:
+            hits = reranker.rerank(query_vector, hits)
+        return hits[:k]
 
 
 def build_index(

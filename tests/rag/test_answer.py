@@ -1,5 +1,6 @@
 """Grounded answers: citations always refer to retrieved chunks; the no-source path; end to end."""
 
+import json
 import random
 
 import pytest
@@ -8,9 +9,12 @@ from rag_fakes import FakeEmbedder
 from rag.answer import (
     NO_ANSWER,
     NO_SOURCES_PROMPT,
+    SYSTEM_PROMPT,
     answer,
+    augment_messages,
     build_messages,
     format_answer,
+    render_sources,
     resolve_citations,
 )
 from rag.chunking import ChunkConfig
@@ -100,13 +104,51 @@ def test_nothing_relevant_tells_the_model_to_say_it_does_not_know(index):
     assert build_messages("q", [])[0]["role"] == "system"
 
 
+def test_augment_messages_grounds_the_last_user_turn(index):
+    messages = [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": [{"type": "text", "text": "When was the Globe built?"}]},
+    ]
+    out, hits = augment_messages(index, messages, top_k=2, min_similarity=0.0)
+    assert 1 <= len(hits) <= 2 and messages[0]["content"] == "Be terse."  # input untouched
+    assert out[0] == {"role": "system", "content": SYSTEM_PROMPT + "\n\nBe terse."}
+    assert out[1:3] == messages[1:3]
+    assert out[3]["role"] == "user"
+    assert out[3]["content"] == build_messages("When was the Globe built?", hits)[1]["content"]
+    assert "1599" in out[3]["content"]
+    # No system message: one is added; no relevant hit: nothing changes.
+    out, _ = augment_messages(index, messages[1:2], min_similarity=-1.0)
+    assert [m["role"] for m in out] == ["system", "user"]
+    out, hits = augment_messages(index, messages, min_similarity=1.01)
+    assert out == messages and hits == []
+    with pytest.raises(ValueError, match="no user message"):
+        augment_messages(index, [{"role": "system", "content": "x"}])
+
+
+def test_render_sources_marks_cited_and_cleans_the_reply(index):
+    _, hits = augment_messages(
+        index, [{"role": "user", "content": "Who married Anne Hathaway?"}], 3, min_similarity=-1
+    )
+    text, sources = render_sources(hits, "He married her in 1582 [2] [9].")
+    assert text == "He married her in 1582 [2]."
+    assert [s["number"] for s in sources] == list(range(1, len(hits) + 1))
+    assert [s["cited"] for s in sources] == [n == 2 for n in range(1, len(hits) + 1)]
+    for s, h in zip(sources, hits, strict=True):
+        assert DOC[s["start"] : s["end"]] == s["text"] == h.chunk.text
+    assert render_sources(hits)[0] is None
+    assert json.dumps(render_sources(hits)[1])  # JSON-ready
+
+
 @pytest.mark.slow
 @pytest.mark.data
 def test_end_to_end_on_the_britannica_article(tmp_path):
     from models import load_pretrained
     from rag.answer import chat_completer
     from rag.embed import PretrainedEmbedder
-    from rag.eval.retrieval import find_span, is_relevant
+    from rag.eval.data import find_span
+    from rag.eval.retrieval import is_relevant
     from train import corpus
 
     try:
