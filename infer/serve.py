@@ -205,6 +205,8 @@ def create_app(
     api_key: str | None = None,
     max_queue: int = 64,
     engine_config: EngineConfig | None = None,
+    rag_index=None,
+    rag_top_k: int = 3,
 ) -> FastAPI:
     """The OpenAI-compatible app for a loaded `LanguageModel` (and `SentenceEmbedder`).
 
@@ -215,6 +217,9 @@ def create_app(
       api_key: when set, every endpoint but /health needs `Authorization: Bearer <api_key>`.
       max_queue: requests that may wait for a batch slot; more get 429.
       engine_config: the engine's sizes (default EngineConfig()); its max_queue is replaced.
+      rag_index: an open `rag.index.Index`: chat requests are then grounded in its `rag_top_k`
+        most relevant chunks (`rag.answer.augment_messages`), and responses carry a `sources`
+        list (in the first chunk when streaming) that the reply's [n] citations refer to.
 
     Raises:
       ValueError: an engine configuration whose KV cache cannot hold one full context.
@@ -294,7 +299,7 @@ def create_app(
                 requests.append(EngineRequest(ids, limit or context - len(ids), params, stop_ids))
         return Job(lm, engine, requests, req.stop_strings())
 
-    async def complete(request: Request, req, prompts: list[list[int]], chat: bool):
+    async def complete(request: Request, req, prompts: list[list[int]], chat: bool, sources=None):
         job = plan(req, prompts)
         events = await job.run()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -307,7 +312,7 @@ def create_app(
         }
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            stream = _stream(events, job, base, chat, include_usage, prompt_tokens)
+            stream = _stream(events, job, base, chat, include_usage, prompt_tokens, sources)
             return StreamingResponse(stream, media_type="text/event-stream")
         n = len(job.requests)
         texts, entries = [""] * n, [[] for _ in range(n)]
@@ -343,22 +348,36 @@ def create_app(
                 {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
                 for i, (text, reason, lp) in enumerate(zip(texts, reasons, logprobs, strict=True))
             ]
-        return {
+        response = {
             **base,
             "object": "chat.completion" if chat else "text_completion",
             "choices": choices,
             "usage": _usage(prompt_tokens, completion_tokens),
         }
+        if sources is not None:
+            response["sources"] = sources
+        return response
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, req: ChatCompletionRequest):
         check_model(req.model, model_name)
         messages = [m.as_template_message() for m in req.messages]
+        sources = None
+        if rag_index is not None:
+            from rag.answer import augment_messages, render_sources
+
+            try:  # embedding the query is blocking work: off the event loop
+                messages, hits = await asyncio.get_running_loop().run_in_executor(
+                    embed_worker, augment_messages, rag_index, messages, rag_top_k
+                )
+            except ValueError as e:  # no user message to ground
+                raise APIError(400, str(e), param="messages") from e
+            sources = render_sources(hits)[1]
         try:
             ids = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as e:  # no chat template, or the template refused the conversation
             raise APIError(400, str(e), param="messages") from e
-        return await complete(request, req, [ids], chat=True)
+        return await complete(request, req, [ids], chat=True, sources=sources)
 
     @app.post("/v1/completions")
     async def completions(request: Request, req: CompletionRequest):
@@ -476,16 +495,19 @@ async def _until_disconnect(request: Request, events, job: Job) -> AsyncIterator
         await events.aclose()
 
 
-async def _stream(events, job: Job, base, chat: bool, include_usage: bool, prompt_tokens: int):
-    """SSE chunks in OpenAI's order; a cancelled stream (client gone) cancels the job."""
+async def _stream(
+    events, job: Job, base, chat: bool, include_usage: bool, prompt_tokens: int, sources=None
+):
+    """SSE chunks in OpenAI's order; a cancelled stream (client gone) cancels the job. With
+    retrieval, the first chunk (the assistant role) also carries the `sources`."""
 
-    def chunk(index, delta, reason: str | None = None, entries=None) -> str:
+    def chunk(index, delta, reason: str | None = None, entries=None, extra=None) -> str:
         logprobs = None if entries is None else _logprobs(entries, chat)
         if chat:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         else:
             choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": reason}
-        body = {**base, "choices": [choice]}
+        body = {**base, "choices": [choice], **(extra or {})}
         if include_usage:
             body["usage"] = None
         return _sse(body)
@@ -495,7 +517,8 @@ async def _stream(events, job: Job, base, chat: bool, include_usage: bool, promp
         async for event in events:
             kind = event[0]
             if kind == "start" and chat:
-                yield chunk(event[1], {"role": "assistant"})
+                extra = {"sources": sources} if sources is not None and event[1] == 0 else None
+                yield chunk(event[1], {"role": "assistant"}, extra=extra)
             elif kind == "text":
                 entries = event[3] or None
                 yield chunk(event[1], {"content": event[2]} if chat else event[2], None, entries)
@@ -549,6 +572,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kv-dtype", default="float32", choices=("float32", "bfloat16", "int8"))
     parser.add_argument("--prefill-chunk", type=int, default=256)
     parser.add_argument("--no-prefix-cache", action="store_true")
+    parser.add_argument(
+        "--rag-index", default=None, help="a rag index dir: ground chat answers in it (docs/rag.md)"
+    )
+    parser.add_argument("--rag-top-k", type=int, default=3, help="sources added per request")
     args = parser.parse_args(argv)
 
     lm = load_model_or_exit(args)
@@ -562,6 +589,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         kv_dtype=args.kv_dtype, prefill_chunk=args.prefill_chunk,
         prefix_cache=not args.no_prefix_cache,
     )  # fmt: skip
+    rag_index = None
+    if args.rag_index:
+        from rag.api import open_index
+
+        try:
+            rag_index = open_index(args.rag_index)
+        except (OSError, ValueError) as e:
+            print(f"error: cannot open --rag-index {args.rag_index}: {e}", file=sys.stderr)
+            return 2
     try:
         app = create_app(
             lm,
@@ -571,6 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             api_key=args.api_key,
             max_queue=args.max_queue,
             engine_config=engine_config,
+            rag_index=rag_index,
+            rag_top_k=args.rag_top_k,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -580,7 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"serving {args.model} (context {lm.model.cfg.max_seq_len} tokens)"
         + (f" and embeddings from {args.embedding_model}" if embedder else "")
         + f" at http://{args.host}:{args.port}/v1"
-        + (" (API key required)" if args.api_key else ""),
+        + (" (API key required)" if args.api_key else "")
+        + (f", answering from the index {args.rag_index}" if rag_index else ""),
         flush=True,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
