@@ -1,7 +1,8 @@
 """Pallas kernels, each beside its plain-JAX reference: attention, paged decode, quantized matmul.
 
-GPU runs them through Pallas' Triton lowering; CPU in interpret mode (slow: for tests). Each
-module's docstring gives its layout, algorithm and backends.
+GPU runs them through Pallas' Triton lowering, TPU through Mosaic (the `*_tpu.py` modules); CPU
+in interpret mode (slow: for tests). Each module's docstring gives its layout, algorithm and
+backends. `_common.use_backend("tpu")` selects the TPU lowering for ahead-of-time compilation.
 """
 
 from kernels.decode_attention import (

@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import jax
 from jax.experimental import pallas as pl
 
+_BACKEND_OVERRIDE: list[str] = []
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Kernels traced inside lower for `name` ("tpu", "gpu", "cpu"), not the default backend.
+
+    For ahead-of-time compilation: on a CPU machine compiling for a TPU topology the default
+    backend is still "cpu", and a kernel picks its lowering (and block sizes) while it is traced.
+    """
+    if name not in ("cpu", "gpu", "tpu"):
+        raise ValueError(f"backend {name!r} is not one of 'cpu', 'gpu', 'tpu'")
+    _BACKEND_OVERRIDE.append(name)
+    try:
+        yield
+    finally:
+        _BACKEND_OVERRIDE.pop()
+
 
 def backend() -> str:
-    """The default JAX backend: "cpu", "gpu" or "tpu"."""
+    """The backend kernels lower for: `use_backend`'s, else the default: "cpu", "gpu" or "tpu"."""
+    if _BACKEND_OVERRIDE:
+        return _BACKEND_OVERRIDE[-1]
     platform = jax.default_backend()
     return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
 
@@ -32,8 +55,8 @@ def pallas_call(kernel, *, interpret: bool, num_warps: int = 4, num_stages: int 
         params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
         return pl.pallas_call(kernel, compiler_params=params, **kwargs)
     raise NotImplementedError(
-        f"these Pallas kernels have a GPU (Triton) lowering only; backend {backend()!r} is not "
-        "supported (pass interpret=True to run them in interpret mode, or use the reference)"
+        f"kernel {kwargs.get('name')!r} has a GPU (Triton) lowering only; backend {backend()!r} "
+        "is not supported (pass interpret=True to run it in interpret mode, or use the reference)"
     )
 
 

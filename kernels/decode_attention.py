@@ -9,9 +9,11 @@ block_tables past a sequence's last page are never read, nor are cache slots pas
 
 Algorithm: one program per (sequence, kv head) handles the G query heads of its group (padded to
 at least 16 rows so the dots are Triton-sized) and walks the sequence's pages with the online
-softmax (FA2 Alg. 1), one page per step. Backends: GPU via Pallas' Triton lowering; CPU in
-interpret mode (default there). Not yet: split-K over pages for long sequences with a small
-batch (flash decoding), several pages per step, a TPU lowering.
+softmax (FA2 Alg. 1), one page per step. Backends: GPU via Pallas' Triton lowering; TPU through
+Mosaic (kernels/decode_attention_tpu.py: one program per (sequence, page) over all kv heads,
+pages fetched by DMA from the prefetched block table); CPU in interpret mode (default there).
+Not yet: split-K over pages for long sequences with a small batch (flash decoding), several
+pages per step.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import _common
+from kernels import _common, decode_attention_tpu
 
 _NEG = -1e30  # finite "minus infinity", as in flash_attention
 
@@ -150,9 +152,16 @@ def decode_attention(
     kv_spec = pl.BlockSpec((num_pages, page_size, None, h), lambda bi, ki: (0, 0, ki, 0))
     scale_spec = pl.BlockSpec((num_pages, page_size, None), lambda bi, ki: (0, 0, ki))
     scales = () if k_scales is None else (k_scales, v_scales)
+    interpret = _common.resolve_interpret(interpret)
+    if _common.backend() == "tpu":
+        out = decode_attention_tpu.decode_attention(
+            qg, k_pages, v_pages, block_tables.astype(jnp.int32), lengths.astype(jnp.int32),
+            scales, scale=scale, interpret=interpret,
+        )  # fmt: skip
+        return out[:, :, :g].reshape(b, n, h)
     out = _common.pallas_call(
         functools.partial(_kernel, scale=scale, page_size=page_size),
-        interpret=_common.resolve_interpret(interpret),
+        interpret=interpret,
         grid=(b, kv_heads),
         in_specs=[
             pl.BlockSpec((b,), lambda bi, ki: (0,)),

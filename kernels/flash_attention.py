@@ -15,8 +15,9 @@ returns 0 here and in `reference_attention` (models/layers.dot_product_attention
 uniform average there; those rows are never used).
 
 Backends: GPU through Pallas' Triton lowering (Triton `CompilerParams`, power-of-two blocks);
-CPU in interpret mode (the default there, for tests). No TPU lowering yet: a TPU call raises
-unless interpret=True. head_dim other than 64/128 falls back to `reference_attention`.
+TPU through Mosaic (kernels/flash_attention_tpu.py: the same algorithm in TPU-legal tiles, blocks
+multiples of 128); CPU in interpret mode (the default there, for tests). head_dim other than
+64/128 falls back to `reference_attention`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import _common
+from kernels import _common, flash_attention_tpu
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 
@@ -40,10 +41,13 @@ _NEG = -1e30
 
 # Default blocks per backend (block_q, block_k, block_q_bwd, block_k_bwd). GPU values follow the
 # Triton FA2 kernels' usual tiles (not yet tuned on our hardware); on CPU (interpret mode) fewer,
-# bigger blocks are faster because interpret mode pays per grid step.
+# bigger blocks are faster because interpret mode pays per grid step. TPU: one MXU-sized tile
+# (128; v5e's MXU is 128x128), the smallest legal key block (segment ids put it in the lanes);
+# not tuned on hardware.
 BLOCK_SIZES: dict[str, tuple[int, int, int, int]] = {
     "gpu": (128, 64, 64, 64),
     "cpu": (128, 128, 128, 128),
+    "tpu": (128, 128, 128, 128),
 }
 
 
@@ -56,6 +60,7 @@ class _Config:
     block_q_bwd: int
     block_k_bwd: int
     interpret: bool
+    backend: str = "gpu"
 
 
 def _dot(a, b, precision):
@@ -116,7 +121,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *, cfg: _Co
 
 
 def _forward(q, k, v, q_seg, k_seg, cfg: _Config):
-    """Padded inputs -> (out [B, T, N, H], lse [B, N, T] float32)."""
+    """Padded inputs -> (out [B, T, N, H], lse [B, N, T] float32; [B, N, T, 128] on TPU)."""
+    if cfg.backend == "tpu":
+        return flash_attention_tpu.forward(q, k, v, q_seg, k_seg, cfg)
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     g = n // kv_heads
@@ -215,6 +222,8 @@ def _dkv_kernel(
 
 
 def _backward(q, k, v, q_seg, k_seg, out, lse, do, cfg: _Config):
+    if cfg.backend == "tpu":
+        return flash_attention_tpu.backward(q, k, v, q_seg, k_seg, out, lse, do, cfg)
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     g = n // kv_heads
@@ -292,12 +301,14 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # Public API.
 
 
-def _block(requested: int | None, default: int, length: int, name: str) -> int:
+def _block(requested: int | None, default: int, length: int, name: str, backend: str) -> int:
     block = default if requested is None else requested
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"{name}={block} must be a power of two >= 16 (Triton tiles)")
+    # TPU: the key block is the lane dim of the key segment-id tile, so a multiple of 128.
+    smallest = 128 if backend == "tpu" else 16
+    if block < smallest or block & (block - 1):
+        raise ValueError(f"{name}={block} must be a power of two >= {smallest} ({backend} tiles)")
     # Short sequences get one block rounded up to a power of two, not a mostly-padding tile.
-    return min(block, max(16, _common.next_power_of_2(length)))
+    return min(block, max(smallest, _common.next_power_of_2(length)))
 
 
 def _check(q, k, v, q_segment_ids, kv_segment_ids):
@@ -344,8 +355,8 @@ def flash_attention(
       q_segment_ids, kv_segment_ids: [B, T], [B, S] int ids; attention only within equal
         non-zero ids (0 = padding). Both or neither.
       sm_scale: score scale, default 1/sqrt(H).
-      block_q, block_k, block_q_bwd, block_k_bwd: tile sizes (powers of two >= 16); default from
-        `BLOCK_SIZES` for the backend, shrunk to the sequence for short ones.
+      block_q, block_k, block_q_bwd, block_k_bwd: tile sizes (powers of two >= 16, >= 128 on
+        TPU); default from `BLOCK_SIZES` for the backend, shrunk to the sequence for short ones.
       interpret: run in Pallas interpret mode; default True on CPU.
 
     Returns:
@@ -362,15 +373,17 @@ def flash_attention(
             kv_segment_ids=kv_segment_ids, sm_scale=scale,
         )  # fmt: skip
     interpret = _common.resolve_interpret(interpret)
-    defaults = BLOCK_SIZES.get(_common.backend(), BLOCK_SIZES["gpu"])
+    backend = _common.backend()
+    defaults = BLOCK_SIZES.get(backend, BLOCK_SIZES["gpu"])
     cfg = _Config(
         causal=causal,
         scale=scale,
-        block_q=_block(block_q, defaults[0], t, "block_q"),
-        block_k=_block(block_k, defaults[1], s, "block_k"),
-        block_q_bwd=_block(block_q_bwd, defaults[2], t, "block_q_bwd"),
-        block_k_bwd=_block(block_k_bwd, defaults[3], s, "block_k_bwd"),
+        block_q=_block(block_q, defaults[0], t, "block_q", backend),
+        block_k=_block(block_k, defaults[1], s, "block_k", backend),
+        block_q_bwd=_block(block_q_bwd, defaults[2], t, "block_q_bwd", backend),
+        block_k_bwd=_block(block_k_bwd, defaults[3], s, "block_k_bwd", backend),
         interpret=interpret,
+        backend=backend,
     )
     if q_segment_ids is None:
         q_segment_ids = jnp.ones((b, t), jnp.int32)

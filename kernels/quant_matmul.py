@@ -14,7 +14,8 @@ of models/layers.py), y [..., N] in x's dtype. Two formats, both in `QuantizedWe
 Algorithm: one program per (M block, N block) loops over K one group (or, per channel, one K
 tile) at a time; the weights are never dequantized in memory: per group it computes
 scale * (x_g @ q_g) + offset * sum(x_g), with the dots accumulated in float32. Backends: GPU via
-Pallas' Triton lowering; CPU in interpret mode (default there). No TPU lowering yet.
+Pallas' Triton lowering; TPU through Mosaic (kernels/quant_matmul_tpu.py: K as a grid axis, N and
+K in multiples of 128, int4 K in multiples of 256); CPU in interpret mode (default there).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from kernels import _common
+from kernels import _common, quant_matmul_tpu
 
 # (block_m for prefill, block_n, block_k for per-channel int8). Decode shapes (M <= 64) use the
 # smallest power of two >= M (at least 16, the smallest Triton dot); untuned on hardware.
@@ -223,8 +224,9 @@ def quant_matmul(
     Args:
       x: [..., K] activations, bfloat16 or float32.
       w: QuantizedWeight of logical shape [K, N].
-      block_m, block_n, block_k: tiles (powers of two >= 16); block_k only for per-channel int8.
-        Defaults from `BLOCK_SIZES`; block_n is shrunk to a divisor of N.
+      block_m, block_n, block_k: tiles (powers of two >= 16; on TPU block_n and block_k
+        multiples of 128); block_k only for per-channel int8. Defaults from `BLOCK_SIZES`
+        (`quant_matmul_tpu.BLOCK_SIZES` on TPU); block_n is shrunk to a divisor of N.
       interpret: Pallas interpret mode; default True on CPU.
 
     Returns:
@@ -238,6 +240,12 @@ def quant_matmul(
     if x.dtype not in (jnp.bfloat16, jnp.float32):
         raise ValueError(f"activations must be bfloat16 or float32, got {x.dtype}")
     interpret = _common.resolve_interpret(interpret)
+    if _common.backend() == "tpu":
+        y = quant_matmul_tpu.quant_matmul(
+            x.reshape(-1, k), w, block_m=block_m, block_n=block_n, block_k=block_k,
+            interpret=interpret,
+        )  # fmt: skip
+        return y.reshape(x.shape[:-1] + (n,))
     default_m, default_n, default_k = BLOCK_SIZES.get(_common.backend(), BLOCK_SIZES["gpu"])
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
