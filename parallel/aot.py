@@ -1,7 +1,8 @@
 """Ahead-of-time compilation for TPU slices on any machine: does a train step fit in HBM?
 
-With libtpu installed (`pip install "jax[tpu]"`), `jax.experimental.topologies` describes the
-devices of a TPU slice without any chip; the sharded train step lowers and compiles for them
+With libtpu (fetched into the project's cache on first use: `libtpu_available`),
+`jax.experimental.topologies` describes the devices of a TPU slice without any chip; the
+sharded train step lowers and compiles for them
 and XLA's memory analysis says what each device would hold:
 
     topo = tpu_topology("v5e:2x4")
@@ -15,6 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
+import shutil
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -72,11 +77,45 @@ class Topology:
         return self.devices[0].device_kind
 
 
-def libtpu_available() -> tuple[bool, str]:
-    """(True, version) when libtpu can be imported, else (False, the reason)."""
+# The libtpu that jax 0.10.2's `jax[tpu]` extra pins. It is fetched into the project's cache, not
+# installed into the environment: an importable libtpu makes every jax program on a CPU machine
+# try (and loudly fail) to open a TPU unless JAX_PLATFORMS says otherwise.
+LIBTPU_REQUIREMENT = "libtpu==0.0.42.*"
+
+
+def _libtpu_dir() -> pathlib.Path:
+    from models.hub import cache_dir
+
+    return cache_dir() / ("libtpu-" + LIBTPU_REQUIREMENT.split("==")[1].rstrip(".*"))
+
+
+def libtpu_available(fetch: bool = True) -> tuple[bool, str]:
+    """(True, version) when libtpu can be imported, else (False, the reason).
+
+    With `fetch`, a libtpu missing from the environment is pip-installed once into the cache
+    (`LIBTPU_REQUIREMENT`, Linux x86_64 wheels only) and put on sys.path for this process.
+    """
+    target = _libtpu_dir()
+    if target.is_dir() and str(target) not in sys.path:
+        sys.path.append(str(target))
     try:
         import libtpu
-    except Exception as e:  # ImportError, or a broken install failing at import
+    except ImportError as e:
+        if not fetch:
+            return False, f"libtpu cannot be imported ({e})"
+        staging = target.with_name(target.name + f".tmp-{os.getpid()}")
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
+        cmd += ["--target", str(staging), LIBTPU_REQUIREMENT]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            shutil.rmtree(staging, ignore_errors=True)
+            return False, f"pip could not install {LIBTPU_REQUIREMENT}: {proc.stderr[-500:]}"
+        try:
+            os.replace(staging, target)  # atomic: a half-installed libtpu is never used
+        except OSError:  # another process installed it first
+            shutil.rmtree(staging, ignore_errors=True)
+        return libtpu_available(fetch=False)
+    except Exception as e:  # a broken install failing at import
         return False, f"libtpu cannot be imported ({type(e).__name__}: {e})"
     return True, getattr(libtpu, "__version__", "unknown version")
 

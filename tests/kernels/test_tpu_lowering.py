@@ -2,8 +2,9 @@
 
 Compiling for a TPU v5e from libtpu's topology description (no chip needed) runs Mosaic on the
 kernels, which checks what interpret mode cannot: block shapes ((8, 128) tiling of the last two
-dims), vector layouts, the supported ops. Those tests skip, with the reason, only where libtpu
-cannot be imported (it is in the dev extra for Linux x86_64).
+dims), vector layouts, the supported ops. libtpu is fetched into the project's cache on first
+use (`parallel.aot.libtpu_available`); those tests skip, with the reason, only where it cannot
+be installed.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Ahead-of-time compilation of the sharded train step for a TPU slice (libtpu, no TPU chip).
 
 libtpu describes the slice even under JAX_PLATFORMS=cpu (it opens no TPU), so this runs in the
-test process. Skipped, with the reason, only where libtpu cannot be imported (it is in the dev
-extra for Linux x86_64).
+test process. libtpu is fetched into the project's cache on first use (`aot.libtpu_available`);
+skipped, with the reason, only where it cannot be installed (no Linux x86_64 wheel, no registry).
 """
 
 from __future__ import annotations
