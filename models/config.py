@@ -77,7 +77,7 @@ class ModelConfig:
       quant: weight-only quantization of the linear projections (models/quantize.py): "none",
         "int8" or "int4"; applied by `models.build_model` and `load_pretrained(quant=...)`.
         The matmul dequantizes in plain JAX, or runs kernels/quant_matmul.py's Pallas kernel
-        when attention_impl resolves to "pallas" (no TPU lowering: that fails, named).
+        when attention_impl resolves to "pallas" (Triton on GPU, Mosaic on TPU).
       quant_group_size: input rows per scale (int8: 0 = one scale per output channel; int4:
         32, 64 or 128). A group that does not divide a weight's input dim falls back to the
         largest allowed one that does.

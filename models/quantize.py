@@ -7,7 +7,7 @@ scales, int4 offsets) as `QuantData` variables, which are not `nnx.Param`, so an
 `nnx.Param` (or `LoRAParam`: QLoRA) never sees them. Embeddings, norms and the LM head stay in
 float. The matmul is the plain-JAX `x @ dequantize(w)` by default; with
 `attention_impl="pallas"` (config) the Pallas kernel `kernels.quant_matmul.quant_matmul` runs it
-instead (Triton on GPU, interpret mode on CPU; no TPU lowering).
+instead (Triton on GPU, Mosaic on TPU, interpret mode on CPU).
 """
 
 from __future__ import annotations
@@ -127,13 +127,7 @@ def group_size_for(k: int, mode: str, group_size: int | None) -> int:
 
 
 def _impl(model: nnx.Module) -> str:
-    impl = "pallas" if attention_impl(model.cfg) == "pallas" else "xla"
-    if impl == "pallas" and jax.default_backend() == "tpu":
-        raise ValueError(
-            "the Pallas weight-only quantized matmul has no TPU lowering yet; use "
-            "attention_impl='xla' (dequantize + matmul) with quant on TPU"
-        )
-    return impl
+    return "pallas" if attention_impl(model.cfg) == "pallas" else "xla"
 
 
 def quantize_weight(

@@ -114,16 +114,6 @@ def test_pallas_int8_model_matches_xla_fp32(base_model, base_logits):
     assert relative(pallas, base_logits) < 0.02  # and within int8's error of the float model
 
 
-def test_pallas_quant_on_tpu_is_refused(monkeypatch, base_model):
-    model = nnx.clone(base_model)
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Module) and hasattr(node, "cfg"):
-            node.cfg = node.cfg.replace(attention_impl="pallas")
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    with pytest.raises(ValueError, match="no TPU lowering"):
-        quantize(model, "int8")
-
-
 def _q8_0(values: np.ndarray) -> np.ndarray:
     """A float [out, in] matrix as GGUF Q8_0 blocks: per 32 values an f16 scale and 32 int8."""
     blocks = values.reshape(values.shape[0], -1, 32)
