@@ -48,6 +48,7 @@ def run_mode(config_spec: str, mode: str, steps: int, workdir: str, extra: list[
     overrides.update(
         {
             "train.num_steps": steps,
+            "optimizer.warmup_steps": 1,  # a short run must still fit its schedule
             "train.log_every": 1,
             "train.eval_every": 10**6,
             "train.checkpoint_every": 10**6,

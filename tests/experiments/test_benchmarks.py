@@ -87,7 +87,7 @@ def test_finetune_benchmark_on_a_tiny_chat_model(tmp_path):
     sft.write_chat_jsonl(tmp_path / "chats.jsonl", [chat] * 8)
     overrides = [f"init_from={tmp_path / 'model'}", f"data.source={tmp_path / 'chats.jsonl'}"]
     overrides += [f"data.val_source={tmp_path / 'chats.jsonl'}", "data.seq_len=64"]
-    overrides += ["data.batch_size=2", "optimizer.warmup_steps=1"]
+    overrides += ["data.batch_size=2"]
     bench = _load_script("finetune")
     argv = ["--modes", "full,lora", "--steps", "3", "--out", str(tmp_path / "out.json")]
     report = bench.main(argv + [f"--set={o}" for o in overrides])
