@@ -11,9 +11,10 @@ The loss counts assistant tokens only; conversations are packed two or three to 
 segment ids. Before and after training the run measures the loss on held-out answers and the
 exact-match rate of greedy answers to the held-out questions (workdir/answers.json).
 
-Hardware and budget: 2 CPU cores, under 15 minutes in all (LoRA rank 16 on every projection
-of the 30 layers: 2.4% of the parameters train). Measured results are in
-docs/finetune.md.
+Hardware and result (2 CPU cores, 2026-11-25): LoRA rank 16 on every projection of the 30
+layers trains 3.5% of the parameters; 40 steps at ~23 s each, about 20 minutes in all with both
+evaluations. Held-out answer loss 1.686 -> 0.368 nats/token, exact answers 0/40 -> 17/40
+(docs/finetune.md).
 
 `:qlora` keeps the frozen base weights int8 (weight-only, per-channel scales). `:runlocal` is a
 tiny smoke run (3 steps, short rows) that tests use.
