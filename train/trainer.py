@@ -27,6 +27,7 @@ from infer.sampling import fill_blank, fill_spans, sample
 from models import build_model
 from models.config import ModelConfig
 from models.decoder import Decoder
+from parallel.cpu import cpu_device_count, needs_one_at_a_time, one_at_a_time, use_cpu_cores
 from train import finetune
 from train.checkpoint import Checkpointer
 from train.input_pipeline import DataBundle, build_datasets
@@ -337,6 +338,14 @@ def train_and_evaluate(
             f"data.batch_size={config.data.batch_size} is not divisible by "
             f"train.grad_accum_steps={tcfg.grad_accum_steps}"
         )
+    if config.parallel.get("cpu_devices", 0):  # before anything starts the JAX backend
+        batch_sizes = (
+            config.data.batch_size // tcfg.grad_accum_steps,
+            config.data.get("eval_batch_size") or config.data.batch_size,
+        )
+        n = cpu_device_count(config.parallel.cpu_devices, batch_sizes)
+        if use_cpu_cores(n) and jax.default_backend() == "cpu":
+            print(f"CPU: {n} single-threaded devices, data parallel over the cores", flush=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     optimizer, schedule = make_optimizer(config.optimizer, tcfg.num_steps)  # fail before data
@@ -417,6 +426,8 @@ def train_and_evaluate(
             return sharded_step(state, shard_batch(batch, mesh, rules), key)
 
     eval_step = make_eval_step(graphdef)
+    if mesh is not None and needs_one_at_a_time(mesh.devices.flat):
+        train_step, eval_step = one_at_a_time(train_step), one_at_a_time(eval_step)
     eval_batches = data.eval_batches
     if mesh is not None:  # global arrays: with several processes each holds only its rows
         eval_batches = [shard_batch(b, mesh, rules) for b in eval_batches]

@@ -8,8 +8,11 @@ torch is never a dependency of this project)
 Quick check: add `--steps 60`. Without --peer-python the PyTorch peer (nanogpt_peer.py) is skipped.
 
 Measures (a) the jitted train step of experiments/shakespeare_char.py (and its :baby variant when
-that differs): compile time, median step time, tokens/s, MFU; (b) on a GPU, GPT-2 124M at bf16;
-(c) our whole :baby training run and the peer's on the same token streams, one after the other.
+that differs): compile time, median step time, tokens/s, MFU, each in a fresh interpreter on one
+CPU device using every core and, on a CPU host, on one single-threaded device per core
+(parallel/cpu.py, what the configs use); (b) on a GPU, GPT-2 124M at bf16; (c) our whole :baby
+training run, as `python -m train` runs it, and the peer's on the same token streams, one after
+the other.
 Prints markdown tables; writes JSON to --out and to train_throughput.json beside this script.
 """
 
@@ -36,6 +39,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `python experiments/benchmarks/...` from a checkout
 
 from models.config import preset  # noqa: E402
+from parallel.cpu import (  # noqa: E402
+    available_cores,
+    cpu_device_count,
+    one_at_a_time,
+    use_cpu_cores,
+)
 from train import trainer  # noqa: E402
 from train.config_lib import apply_overrides, load_config_script  # noqa: E402
 from train.corpus import load_corpus  # noqa: E402
@@ -67,36 +76,61 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / best
 
 
+def build_step(model_cfg, config):
+    """The trainer's jitted step and initial state, on one device or data parallel over all
+    visible devices (the `dp` mesh `train_and_evaluate` builds).
+
+    Returns:
+      (step, state, place): step(state, placed_batch) -> (state, metrics); place(batch) puts a
+      host batch where the step takes it.
+    """
+    optimizer, _ = make_optimizer(config.optimizer, config.train.num_steps)
+    key = jax.random.key(config.train.seed + 1)
+    dropout = model_cfg.dropout_rate > 0
+    if jax.device_count() == 1:
+        graphdef, state = trainer.init_train_state(model_cfg, optimizer, config.train.seed)
+        step = trainer.make_train_step(
+            graphdef, optimizer, config.train.z_loss, config.train.grad_accum_steps, dropout
+        )
+        return (lambda s, b: step(s, b, key)), state, jax.device_put
+    from parallel.mesh import make_mesh
+    from parallel.train import init_sharded_train_state, make_sharded_train_step, shard_batch
+
+    mesh, rules = make_mesh(config.parallel.mesh), config.parallel.rules
+    graphdef, state, shardings = init_sharded_train_state(
+        model_cfg, optimizer, config.train.seed, mesh, rules
+    )
+    step = make_sharded_train_step(
+        graphdef, optimizer, mesh, rules, shardings, z_loss=config.train.z_loss,
+        grad_accum_steps=config.train.grad_accum_steps, dropout=dropout,
+    )  # fmt: skip
+    step = one_at_a_time(step) if jax.default_backend() == "cpu" else step
+    return (lambda s, b: step(s, b, key)), state, (lambda b: shard_batch(b, mesh, rules))
+
+
 def time_train_step(model_cfg, config, batches: list[dict], peak: float | None) -> dict:
-    """Compiles the trainer's step (timed apart), warms up, then times each remaining batch.
+    """Compiles the trainer's step (the first call, timed apart), warms up, then times each
+    remaining batch.
 
     Args:
       model_cfg: the typed ModelConfig.
-      config: the experiment config (optimizer and train sections are used as the trainer does).
+      config: the experiment config (optimizer, train and parallel sections, as the trainer).
       batches: {"inputs", "targets"}: int32 [B, T]; the first WARMUP_STEPS are not timed.
       peak: FLOP/s that MFU is relative to, or None for no MFU.
 
     Returns:
       compile_s, step_time_ms (median), tokens_per_s, mfu, num_params, tokens_per_step.
     """
-    optimizer, _ = make_optimizer(config.optimizer, config.train.num_steps)
-    graphdef, state = trainer.init_train_state(model_cfg, optimizer, config.train.seed)
-    step = trainer.make_train_step(
-        graphdef,
-        optimizer,
-        config.train.z_loss,
-        config.train.grad_accum_steps,
-        model_cfg.dropout_rate > 0,
-    )
-    key = jax.random.key(config.train.seed + 1)
-    batches = jax.device_put(batches)
+    step, state, place = build_step(model_cfg, config)
+    batches = [place(b) for b in batches]
     start = time.perf_counter()
-    compiled = step.lower(state, batches[0], key).compile()
+    state, metrics = step(state, batches[0])  # compiles
+    jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
     times = []
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(batches[1:]):
         start = time.perf_counter()
-        state, metrics = compiled(state, batch, key)
+        state, metrics = step(state, batch)
         jax.block_until_ready((state, metrics))
         if i >= WARMUP_STEPS:
             times.append(time.perf_counter() - start)
@@ -104,6 +138,7 @@ def time_train_step(model_cfg, config, batches: list[dict], peak: float | None) 
     step_time = statistics.median(times)
     flops = model_cfg.flops_per_token(seq_len) * batch_size * seq_len
     return {
+        "devices": jax.device_count(),
         "num_params": model_cfg.num_params(),
         "tokens_per_step": batch_size * seq_len,
         "timed_steps": len(times),
@@ -121,9 +156,20 @@ def main_job_step(spec: str, timed_steps: int, peak: float | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = build_datasets(config.data, tmp)
         it = iter(data.train_ds)
-        batches = [next(it) for _ in range(WARMUP_STEPS + timed_steps)]
+        batches = [next(it) for _ in range(1 + WARMUP_STEPS + timed_steps)]
     model_cfg = trainer.model_config_from(config, data.tokenizer.vocab_size)
     return {"name": spec, **time_train_step(model_cfg, config, batches, peak)}
+
+
+def step_in_subprocess(spec: str, cpu_devices: int, timed_steps: int, peak: float) -> dict:
+    """main_job_step in a fresh interpreter whose CPU backend has `cpu_devices` devices (1: one
+    device using every core); a process's device count is fixed once JAX has started."""
+    cmd = [sys.executable, __file__, "--step-only", spec, f"--timed-steps={timed_steps}"]
+    cmd += [f"--cpu-devices={cpu_devices}", f"--peak={peak}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"timing {spec} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def gpt2_step(timed_steps: int, batch_size: int, peak: float | None) -> dict:
@@ -133,7 +179,7 @@ def gpt2_step(timed_steps: int, batch_size: int, peak: float | None) -> dict:
     seq_len = model_cfg.max_seq_len
     rng = np.random.default_rng(0)
     tokens = rng.integers(
-        0, model_cfg.vocab_size, (WARMUP_STEPS + timed_steps, batch_size, seq_len + 1)
+        0, model_cfg.vocab_size, (1 + WARMUP_STEPS + timed_steps, batch_size, seq_len + 1)
     )
     batches = [
         {"inputs": t[:, :-1].astype(np.int32), "targets": t[:, 1:].astype(np.int32)} for t in tokens
@@ -258,14 +304,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     """Runs parts (a)-(c) and returns the report (everything the JSON holds)."""
     backend = jax.default_backend()
     if backend == "cpu":
-        peak, peak_source = (
-            matmul_peak_flops(),
-            "mfu_vs_matmul_peak: best 2048^3 fp32 jnp.matmul here",
-        )
+        peak = step_in_subprocess("", 1, 0, 0.0)["peak_flops"]  # every core on one device
+        peak_source = "mfu_vs_matmul_peak: best 2048^3 fp32 jnp.matmul here, all cores"
     else:
         peak, peak_source = trainer.peak_flops(0.0), "trainer.PEAK_FLOPS (dense bf16 datasheet)"
     report = {
         "date": datetime.date.today().isoformat(),
+        "cpu_devices": jax.device_count() if backend == "cpu" else None,
         "host": platform.node(),
         "backend": backend,
         "device_kind": jax.devices()[0].device_kind,
@@ -287,7 +332,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     else:
         report["same_config"] = f"{args.e2e_config} equals {args.config}; timed once"
     for spec in specs:
-        report["steps"].append(main_job_step(spec, args.timed_steps, peak))
+        if backend != "cpu":
+            report["steps"].append(main_job_step(spec, args.timed_steps, peak))
+            continue
+        config = load_config(spec)
+        per_core = cpu_device_count(-1, (config.data.batch_size // config.train.grad_accum_steps,))
+        for devices in sorted({1, per_core}):
+            report["steps"].append(step_in_subprocess(spec, devices, args.timed_steps, peak))
     if backend == "gpu":
         report["steps"].append(gpt2_step(args.timed_steps, args.gpt2_batch, peak))
     else:
@@ -351,7 +402,8 @@ def format_tables(report: dict) -> str:
     has_peer = isinstance(peer, dict)
     lines += [
         "",
-        f"| {e2e['config']}, {e2e['steps']} steps | ours (JAX) | peer (PyTorch) | peer / ours |",
+        f"| {e2e['config']}, {e2e['steps']} steps | ours (JAX, {report['cpu_devices'] or 1} "
+        "device(s)) | peer (PyTorch) | peer / ours |",
         "|---|---|---|---|",
     ]
     rows = [
@@ -391,11 +443,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=MAIN_CONFIG, help="the main job's config, path[:arg]")
     p.add_argument("--e2e-config", default=MAIN_CONFIG + ":baby", help="end-to-end run's config")
     p.add_argument("--gpt2-batch", type=int, default=16, help="GPT-2 124M batch (GPU only)")
+    # Internal: part (a)'s subprocesses.
+    p.add_argument("--step-only", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cpu-devices", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--peak", type=float, default=0.0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def step_only(args: argparse.Namespace) -> None:
+    """The --step-only subprocess: one JSON line with the step timing of args.step_only (or,
+    for an empty spec, the matmul peak) on args.cpu_devices CPU devices."""
+    use_cpu_cores(args.cpu_devices)
+    if not args.step_only:
+        print(json.dumps({"peak_flops": matmul_peak_flops()}))
+        return
+    result = main_job_step(args.step_only, args.timed_steps, args.peak or None)
+    threads = available_cores() if result["devices"] == 1 else 1
+    result["name"] += f", {result['devices']} device(s) x {threads} thread(s)"
+    print(json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
+    if args.step_only is not None:
+        return step_only(args)
+    # The end-to-end run uses the devices its config asks for (as `python -m train` does), and
+    # a process's CPU devices are fixed when JAX starts: so choose them first.
+    e2e = load_config(args.e2e_config)
+    batch_sizes = (e2e.data.batch_size // e2e.train.grad_accum_steps, e2e.data.eval_batch_size)
+    use_cpu_cores(cpu_device_count(e2e.parallel.cpu_devices, batch_sizes))
     report = run_benchmark(args)
     print(format_tables(report))
     out = (
