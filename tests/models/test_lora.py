@@ -72,7 +72,9 @@ def relative(a, b) -> float:
 def test_starts_identical_to_the_base(base, base_logits):
     apply_lora(base, LoRAConfig(rank=4), nnx.Rngs(1))
     assert len(lora_modules(base)) == 7
-    np.testing.assert_array_equal(forward(base, TOKENS), base_logits)
+    # B = 0, so the adapters add exactly zero; the wrapped model runs q, k and v as three
+    # matmuls instead of the base's fused one, which may round differently in the last bit.
+    np.testing.assert_allclose(forward(base, TOKENS), base_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_targets_names_regexes_and_shapes(base):
