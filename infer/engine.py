@@ -2,12 +2,12 @@
 
 Requests wait in a queue; at every iteration the scheduler admits as many as there are free
 batch slots and KV blocks for their prompts, runs one prefill chunk (one request, padded to a
-power-of-two bucket) and one decode step for every decoding slot (a fixed [max_batch] shape,
-idle slots masked), and hands each new token to its request's callback. A sequence that
+power-of-two bucket) and one decode step for every decoding sequence (their rows padded to a
+power of two, at most max_batch), and hands each new token to its request's callback. A sequence that
 finishes or is cancelled frees its slot and blocks at once. Blocks are allocated as sequences
 grow; when none is left the most recently admitted sequence is preempted (its blocks freed, its
-tokens recomputed when it is admitted again). Two jitted programs per (rows, length) shape,
-compiled once: no compilation per request or token.
+tokens recomputed when it is admitted again). One jitted program per (rows, length, table
+width) bucket, compiled once: no compilation per request or token.
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ def _forward(graphdef, state, pages, tokens, tables, lengths, num_new, logit_ind
              update, rows, key_data, steps, counts, seen, bias):  # fmt: skip
     """Runs tokens [B, T] of rows `slots` through the model into the paged cache; samples.
 
-    Prefill is B=1 with T a bucket; decode is B=max_batch with T=1. `update` [B] marks the rows
-    whose sampled token counts for the penalties.
+    Prefill is B=1 with T a bucket; decode is B a power of two with T=1. `slots` [B] are the
+    rows' engine slots (their penalty state in counts, seen and bias); `update` [B] marks the
+    rows whose sampled token counts for the penalties (padding rows use the spare last slot).
     """
     model = nnx.merge(graphdef, state)
     cache = with_rows(PagedKVCache(*pages[:2], None, None, None, *pages[2:]), tables, lengths,
@@ -135,9 +136,10 @@ class Engine:
         cache = self.spec.init()
         self.pages = (cache.key, cache.value, cache.key_scale, cache.value_scale)
         s, v = config.max_batch, cfg.vocab_size
-        self.counts = jnp.zeros((s, v), jnp.int32)
-        self.seen = jnp.zeros((s, v), bool)
-        self.bias = jnp.zeros((s, v), jnp.float32)
+        # Per-slot penalty state; row s is scratch for the padding rows of a decode batch.
+        self.counts = jnp.zeros((s + 1, v), jnp.int32)
+        self.seen = jnp.zeros((s + 1, v), bool)
+        self.bias = jnp.zeros((s + 1, v), jnp.float32)
         self.slots: list[Request | None] = [None] * s
         self.waiting: collections.deque[Request] = collections.deque()
         self.cancelled = 0  # requests that ended by cancel()
@@ -392,30 +394,31 @@ class Engine:
             self._accept(request, int(tok[0]), lp[0], top_ids[0], top_lp[0])
 
     def _decode(self, requests: list[Request]) -> None:
-        size = self.config.max_batch
-        slot_rows = [None] * size
-        for r in requests:
-            slot_rows[r.slot] = r
-        active = [r for r in slot_rows if r is not None]
-        order = [r.slot for r in active]
-        width = self._table_width(active)
-        rows_a, keys_a, tables_a = self._rows(active, len(active), width)
-        rows, keys, tables = self._rows([], size, width)
-        rows[order], keys[order], tables[order] = rows_a, keys_a, tables_a
+        """One token for each request: rows in slot order, padded to a power of two so a few
+        batch sizes compile and a light load does not pay for max_batch rows."""
+        active = sorted(requests, key=lambda r: r.slot)
+        n, spare = len(active), self.config.max_batch
+        size = min(_bucket(n, low=1), self.config.max_batch)
+        rows, keys, tables = self._rows(active, size, self._table_width(active))
         tokens, lengths, steps = (np.zeros((size, 1), np.int32), np.zeros(size, np.int32),
                                   np.zeros(size, np.int32))  # fmt: skip
-        update = np.zeros(size, bool)
-        for r in active:
-            tokens[r.slot, 0], lengths[r.slot] = r.output[-1], r.cached
-            steps[r.slot], update[r.slot] = len(r.output), True
+        slots = np.full(size, spare, np.int32)
+        update = np.arange(size) < n
+        for i, r in enumerate(active):
+            tokens[i, 0], lengths[i], steps[i], slots[i] = (
+                r.output[-1],
+                r.cached,
+                len(r.output),
+                r.slot,
+            )
         tok, lp, top_ids, top_lp = self._call(
             tokens, tables, lengths, update.astype(np.int32), np.zeros(size, np.int32),
-            np.arange(size, dtype=np.int32), update, rows, keys, steps,
+            slots, update, rows, keys, steps,
         )  # fmt: skip
         self.steps += 1
-        for r in active:  # in slot order; the API's ordering of choices does not depend on it
+        for i, r in enumerate(active):  # the API's ordering of choices does not depend on this
             r.cached += 1
-            self._accept(r, int(tok[r.slot]), lp[r.slot], top_ids[r.slot], top_lp[r.slot])
+            self._accept(r, int(tok[i]), lp[i], top_ids[i], top_lp[i])
 
     def _accept(self, request: Request, token: int, lp, top_ids, top_lp) -> None:
         now = time.perf_counter()
@@ -459,6 +462,6 @@ class Engine:
             request.cancelled = True
 
 
-def _bucket(n: int) -> int:
-    """The prefill length for n tokens: a power of two, at least 16."""
-    return max(16, 1 << (n - 1).bit_length())
+def _bucket(n: int, low: int = 16) -> int:
+    """A padded size for n (prefill tokens, decode rows): a power of two, at least `low`."""
+    return max(low, 1 << (n - 1).bit_length())

@@ -110,8 +110,9 @@ class SamplingParams:
                 )
 
     def row(self) -> tuple[float, ...]:
-        """The traced per-row values, in the order of `ROW_FIELDS`."""
-        return tuple(float(getattr(self, f)) for f in ROW_FIELDS)
+        """The traced per-row values, in the order of `ROW_FIELDS` (logprobs None is -1)."""
+        values = {**vars(self), "logprobs": -1 if self.logprobs is None else self.logprobs}
+        return tuple(float(values[f]) for f in ROW_FIELDS)
 
 
 ROW_FIELDS = (
@@ -122,6 +123,7 @@ ROW_FIELDS = (
     "repetition_penalty",
     "presence_penalty",
     "frequency_penalty",
+    "logprobs",
 )
 
 
@@ -151,15 +153,19 @@ def sample_rows(
 
     Returns:
       (tokens [B] int32, their log-probabilities [B], top ids [B, 20], top log-probs [B, 20]),
-      log-probabilities under the model's distribution (before any setting).
+      log-probabilities under the model's distribution (before any setting); the top ones are
+      computed only when some row asks for logprobs (zeros otherwise).
+
+    Drawing (a random number per vocabulary entry) and the top-20 are skipped at run time when
+    no row needs them: at B=64 and V=49152 they cost more than the model's decode step on a CPU.
     """
-    temperature, top_k, top_p, min_p, repetition, presence, frequency = rows.T
+    temperature, top_k, top_p, min_p, repetition, presence, frequency, want_top = rows.T
     logits = logits.astype(jnp.float32)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     rep = repetition[:, None]
     x = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     x = x - presence[:, None] * (counts > 0) - frequency[:, None] * counts + bias
-    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    greedy = jax.lax.top_k(x, 1)[1][:, 0].astype(jnp.int32)  # = argmax (lowest index on ties)
     x = x / jnp.where(temperature > 0, temperature, 1.0)[:, None]
 
     def sort_filters(x):
@@ -179,12 +185,25 @@ def sample_rows(
     # min-p (Nguyen et al. 2024): drop tokens below min_p times the top token's probability.
     probs = jax.nn.softmax(x, axis=-1)
     x = jnp.where(probs < min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, x)
-    keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(key_data), steps)
-    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, x).astype(jnp.int32)
-    tokens = jnp.where(temperature > 0, drawn, greedy)
+
+    def draw(x):
+        keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(key_data), steps)
+        drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, x)
+        return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)
+
+    tokens = jax.lax.cond(jnp.any(temperature > 0), draw, lambda x: greedy, x)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(logprobs, min(MAX_TOP_LOGPROBS, logits.shape[-1]))
-    return tokens, chosen, top_ids.astype(jnp.int32), top_lp
+    k = min(MAX_TOP_LOGPROBS, logits.shape[-1])
+
+    def top(logprobs):
+        top_lp, top_ids = jax.lax.top_k(logprobs, k)
+        return top_ids.astype(jnp.int32), top_lp
+
+    def no_top(logprobs):
+        return jnp.zeros((logprobs.shape[0], k), jnp.int32), jnp.zeros((logprobs.shape[0], k))
+
+    top_ids, top_lp = jax.lax.cond(jnp.any(want_top > 0), top, no_top, logprobs)
+    return tokens, chosen, top_ids, top_lp
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k"))

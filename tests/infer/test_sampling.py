@@ -34,12 +34,23 @@ def logits():
 
 def test_greedy_rows_take_the_argmax_beside_sampled_rows(logits):
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=1)] * 2
+    params[3] = SamplingParams(temperature=1.0, seed=1, logprobs=5)  # the top-20 for every row
     tokens, lp, top_ids, top_lp = _draw(logits, params)
     best = np.argmax(np.asarray(logits), axis=-1)
     assert tokens[0] == best[0] and tokens[2] == best[2]
     np.testing.assert_allclose(lp, np.take_along_axis(jax.nn.log_softmax(logits), tokens[:, None],
                                                       -1)[:, 0], rtol=1e-6)  # fmt: skip
     assert (top_ids[:, 0] == best).all() and (np.diff(top_lp, axis=-1) <= 0).all()
+
+
+def test_all_greedy_rows_skip_drawing_and_top_logprobs(logits):
+    """No row samples or asks for logprobs: the argmax, its log-probability, no top-20."""
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logprobs=0)] * 2
+    tokens, lp, top_ids, top_lp = _draw(logits, params)
+    best = np.argmax(np.asarray(logits), axis=-1)
+    np.testing.assert_array_equal(tokens, best)
+    np.testing.assert_allclose(lp, jax.nn.log_softmax(logits).max(-1), rtol=1e-6)
+    assert not top_ids.any() and not top_lp.any()
 
 
 def test_top_k_one_and_min_p_one_are_greedy(logits):
