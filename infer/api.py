@@ -86,6 +86,7 @@ class _Sampling(_Request):
     stop_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]], Field(
         max_length=MAX_STOP_TOKEN_IDS
     )] | None = None  # fmt: skip
+    ignore_eos: StrictBool = False  # keep going past the model's end-of-text (benchmarks)
 
     def bias_pairs(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
         """logit_bias as (token id, bias) pairs; raises APIError for a key that is no id."""

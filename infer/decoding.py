@@ -226,7 +226,10 @@ def load_model_or_exit(args: argparse.Namespace):
     from models.hub import PackageChecksumError, PackageUnavailable
 
     try:
-        return load_pretrained(args.model, dtype=args.dtype)
+        overrides = {}
+        if getattr(args, "max_seq_len", None):
+            overrides["max_seq_len"] = args.max_seq_len
+        return load_pretrained(args.model, dtype=args.dtype, **overrides)
     except (ValueError, GGUFError, PackageUnavailable, PackageChecksumError, OSError) as e:
         print(f"error: cannot load {args.model!r}: {e}", file=sys.stderr)
         raise SystemExit(2) from None

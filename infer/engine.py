@@ -1,9 +1,10 @@
 """The continuous-batching engine: a scheduler thread over a paged KV cache.
 
 Requests wait in a queue; at every iteration the scheduler admits as many as there are free
-batch slots and KV blocks for their prompts, runs one prefill chunk (one request, padded to a
-power-of-two bucket) and one decode step for every decoding sequence (their rows padded to a
-power of two, at most max_batch), and hands each new token to its request's callback. A sequence that
+batch slots and KV blocks for their prompts, runs one prefill call (a chunk of up to
+prefill_batch waiting prompts, rows and length padded to powers of two) and one decode step for
+every decoding sequence (their rows padded to a power of two, at most max_batch), and hands
+each new token to its request's callback. A sequence that
 finishes or is cancelled frees its slot and blocks at once. Blocks are allocated as sequences
 grow; when none is left the most recently admitted sequence is preempted (its blocks freed, its
 tokens recomputed when it is admitted again). One jitted program per (rows, length, table
@@ -47,7 +48,8 @@ class EngineConfig:
     num_blocks: int | None = None
     kv_dtype: str = "float32"  # or "int8"
     max_queue: int = 64
-    prefill_chunk: int = 256  # most prompt tokens per prefill call (a power of two)
+    prefill_chunk: int = 256  # most prompt tokens of one request per prefill call
+    prefill_batch: int = 8  # most requests prefilled together in one call
     prefix_cache: bool = True
 
 
@@ -144,6 +146,7 @@ class Engine:
         self.waiting: collections.deque[Request] = collections.deque()
         self.cancelled = 0  # requests that ended by cancel()
         self.steps = 0  # decode steps run
+        self.prefill_calls = 0
         self.metrics = EngineMetrics(self.stats)
         self._orders = iter(range(1 << 62))
         self._cond = threading.Condition()
@@ -311,7 +314,7 @@ class Engine:
         running = sorted((r for r in self.slots if r is not None), key=lambda r: r.order)
         prefilling = [r for r in running if r.cached < len(r.context())]
         if prefilling:
-            self._prefill_chunk(prefilling[0])
+            self._prefill(prefilling)
         decoding = []
         for r in running:
             ready = r.slot is not None and r.finish_reason is None and r.output
@@ -372,26 +375,39 @@ class Engine:
         tok, lp, top_ids, top_lp, self.pages, self.counts, self.seen = out
         return jax.device_get((tok, lp, top_ids, top_lp))
 
-    def _prefill_chunk(self, request: Request) -> None:
-        context, start = request.context(), request.cached
-        remaining = len(context) - start
-        size = min(_bucket(remaining), self.config.prefill_chunk, self.model_cfg.max_seq_len)
-        num = min(remaining, size)
-        tokens = np.zeros((1, size), np.int32)
-        tokens[0, :num] = context[start : start + num]
-        final = start + num == len(context)
-        sample = final and not request.output  # a preempted request already has its token
-        rows, keys, tables = self._rows([request], 1, self._table_width([request]))
-        i32 = functools.partial(np.asarray, dtype=np.int32)
+    def _prefill(self, requests: list[Request]) -> None:
+        """One chunk of each of the oldest prefilling requests, in one call.
+
+        The chunk length T is the first request's (its remaining prompt, at most prefill_chunk,
+        padded to a power of two); the next ones join while they are fewer than prefill_batch,
+        each with min(its remaining tokens, T). Rows are padded to a power of two.
+        """
+        t = min(_bucket(len(requests[0].context()) - requests[0].cached),
+                self.config.prefill_chunk, self.model_cfg.max_seq_len)  # fmt: skip
+        batch = requests[: self.config.prefill_batch]
+        size = _bucket(len(batch), low=1)
+        rows, keys, tables = self._rows(batch, size, self._table_width(batch))
+        tokens, lengths = np.zeros((size, t), np.int32), np.zeros(size, np.int32)
+        num_new, slots = np.zeros(size, np.int32), np.full(size, self.config.max_batch, np.int32)
+        sample = np.zeros(size, bool)
+        for i, r in enumerate(batch):
+            context, start = r.context(), r.cached
+            num = min(len(context) - start, t)
+            tokens[i, :num] = context[start : start + num]
+            lengths[i], num_new[i], slots[i] = start, num, r.slot
+            # The last chunk gives the first token; a preempted request already has its token.
+            sample[i] = start + num == len(context) and not r.output
         tok, lp, top_ids, top_lp = self._call(
-            tokens, tables, i32([start]), i32([num]), i32([num - 1]), i32([request.slot]),
-            np.asarray([sample]), rows, keys, i32([0]),
+            tokens, tables, lengths, num_new, np.maximum(num_new - 1, 0), slots, sample, rows,
+            keys, np.zeros(size, np.int32),
         )  # fmt: skip
-        request.cached += num
-        if final:
-            self.allocator.register(request.table, request.hashes)
-        if sample:
-            self._accept(request, int(tok[0]), lp[0], top_ids[0], top_lp[0])
+        self.prefill_calls += 1
+        for i, r in enumerate(batch):
+            r.cached += int(num_new[i])
+            if r.cached == len(r.context()):
+                self.allocator.register(r.table, r.hashes)
+            if sample[i]:
+                self._accept(r, int(tok[i]), lp[i], top_ids[i], top_lp[i])
 
     def _decode(self, requests: list[Request]) -> None:
         """One token for each request: rows in slot order, padded to a power of two so a few

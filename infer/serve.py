@@ -290,7 +290,8 @@ def create_app(
             frequency_penalty=req.frequency_penalty, logprobs=req.num_logprobs(),
             logit_bias=req.bias_pairs(lm.model.cfg.vocab_size),
         )  # fmt: skip
-        stop_ids = lm.tokenizer.stop_ids | frozenset(req.stop_token_ids or ())
+        eos = frozenset() if req.ignore_eos else lm.tokenizer.stop_ids
+        stop_ids = eos | frozenset(req.stop_token_ids or ())
         requests = []
         for ids in prompts:
             for i in range(req.n):
@@ -557,6 +558,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument(
+        "--max-seq-len", type=int, default=None, help="serve a shorter context than the model's"
+    )
+    parser.add_argument(
         "--embedding-model", default="all-minilm-l6-v2", help="'' serves no embeddings"
     )
     parser.add_argument("--host", default="127.0.0.1")
@@ -570,7 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="KV-cache blocks (default: --max-batch sequences of the whole context)",
     )  # fmt: skip
     parser.add_argument("--kv-dtype", default="float32", choices=("float32", "bfloat16", "int8"))
-    parser.add_argument("--prefill-chunk", type=int, default=256)
+    parser.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per call")
+    parser.add_argument("--prefill-batch", type=int, default=8, help="prompts prefilled together")
     parser.add_argument("--no-prefix-cache", action="store_true")
     parser.add_argument(
         "--rag-index", default=None, help="a rag index dir: ground chat answers in it (docs/rag.md)"
@@ -586,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     engine_config = EngineConfig(
         max_batch=args.max_batch, block_size=args.block_size, num_blocks=args.num_blocks,
-        kv_dtype=args.kv_dtype, prefill_chunk=args.prefill_chunk,
+        kv_dtype=args.kv_dtype, prefill_chunk=args.prefill_chunk, prefill_batch=args.prefill_batch,
         prefix_cache=not args.no_prefix_cache,
     )  # fmt: skip
     rag_index = None

@@ -1,34 +1,40 @@
-"""Serving load test: our continuous-batching server against static batching, over loopback.
+"""Serving load test: our continuous-batching server, static batching, and llama.cpp's server.
 
-Run from the repository root (the JSON records the load average; the numbers are only
-comparable within one run):
-  python experiments/benchmarks/serve.py --out experiments/results/serve_cpu_DATE.json
-Quick check: `--tiny --concurrency 1 4 --requests 8`.
+Run from the repository root on an otherwise idle machine (the JSON records the load average;
+the numbers are only comparable within one run):
+  python experiments/benchmarks/serve.py [--llama-server PATH/TO/llama-server] \
+      --out experiments/results/serve_cpu_DATE.json
+Quick check: `--tiny --concurrency 1 4 --requests 8` (a tiny random model; no peer).
 
 Method:
-  * One in-process uvicorn server (`infer.serve.create_app`, engine max_batch = the highest
-    concurrency); a load generator of C concurrent streaming clients (httpx, /v1/completions
-    with token-id prompts, greedy) for each C in --concurrency (default 1 8 32 64).
+  * Each server is its own process on a free loopback port, started here and stopped after its
+    runs, so the load generator (this process: httpx, asyncio) never shares an interpreter
+    with a server. Ours: `python -m infer.serve` with max_batch = the highest concurrency and
+    room in its KV cache for every sequence of the load at once.
   * Load, from --seed: max(C, 8) requests per level (--requests); each prompt is P random
     token ids (default 64) and each max_tokens is drawn from [--min-tokens, --max-tokens]
-    (8..48), so requests end at different times. The same requests go to both modes (so with
-    C >= the request count both modes send one wave and differ only by noise).
-  * continuous: each client sends its next request as soon as its previous one ends; the engine
-    admits and retires sequences at every decode step.
-  * static (our baseline): the same server and kernels, but requests go in waves of C and a
-    wave starts only when all of the previous one has finished: the batch is fixed until its
-    longest member ends, as in static batching.
+    (8..48), so requests end at different times. Greedy, `ignore_eos`, streamed
+    (/v1/completions with token-id prompts): every server produces exactly the same number of
+    tokens for the same load.
+  * continuous: C clients, each sending its next request as soon as its previous one ends.
+    static (our baseline): our server, but the requests go in waves of C and a wave starts
+    only when all of the previous one has finished, as in static batching.
   * Per request: TTFT (send -> first token chunk), time per output token ((end - first token) /
-    (tokens - 1)); per level: requests/s and output tokens/s over the wall time. Medians and p99.
-  * Warm-up: one untimed pass at the highest concurrency compiles every shape first.
-  * Peers: llama.cpp's server and HF transformers are not run here (see docs/serving.md).
-Prints a table and the continuous/static ratios; writes JSON to --out.
+    (tokens - 1)); per level: requests/s and output tokens/s over the wall time. p50 and p99.
+  * Warm-up: before each timed level, the same shape of load (another seed) runs untimed, so
+    every program shape the level needs is compiled before it is timed.
+  * Peer (--llama-server): llama.cpp's `llama-server` on the same model's GGUF file
+    (SmolLM2-135M-Instruct Q4_1), `-np` = the highest concurrency (its continuous batching over
+    parallel slots), `-t` = the cores. It computes on the 4-bit blocks; ours on the same
+    weights dequantized to float32 (so it reads ~5x fewer weight bytes per token).
+Prints a table and the ratios; writes JSON to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -36,8 +42,9 @@ import pathlib
 import platform
 import socket
 import statistics
+import subprocess
 import sys
-import threading
+import tempfile
 import time
 
 import numpy as np
@@ -48,31 +55,46 @@ sys.path.insert(0, str(ROOT))  # `python experiments/benchmarks/...` from a chec
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-class _Server:
-    """uvicorn on a free loopback port, in a background thread."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    def __init__(self, app):
-        import uvicorn
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{port}"
+class ServerProcess:
+    """A server started as a subprocess; `url` once its /health answers 200."""
 
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+    def __init__(self, cmd: list[str], port: int, name: str, log: pathlib.Path, timeout=900):
+        import httpx
+
+        self.name, self.url = name, f"http://127.0.0.1:{port}"
+        self.log = open(log, "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        start = time.perf_counter()
+        while time.perf_counter() - start < timeout:
+            if self.proc.poll() is not None:
+                self.log.close()
+                raise RuntimeError(f"{name} exited with {self.proc.returncode}:\n"
+                                   f"{log.read_text()[-3000:]}")  # fmt: skip
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    self.startup_s = time.perf_counter() - start
+                    return
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"{name} did not answer /health within {timeout} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
 
 
 def make_load(num: int, vocab: int, prompt_tokens: int, token_range, seed: int):
-    """num (prompt ids, max_tokens) pairs, the same for every mode."""
+    """num (prompt ids, max_tokens) pairs, the same for every mode and server."""
     rng = np.random.default_rng(seed)
     low, high = token_range
     return [
@@ -87,10 +109,10 @@ def make_load(num: int, vocab: int, prompt_tokens: int, token_range, seed: int):
 async def _one(client, url: str, model: str, prompt, max_tokens: int) -> dict:
     body = {
         "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-        "stream": True, "stream_options": {"include_usage": True},
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
     }  # fmt: skip
     start = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, chunks = None, None, 0
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -99,10 +121,12 @@ async def _one(client, url: str, model: str, prompt, max_tokens: int) -> dict:
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif first is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                first = time.perf_counter()
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                chunks += 1
+                first = first or time.perf_counter()
     end = time.perf_counter()
     first = first or end
+    tokens = chunks if tokens is None else tokens  # one token per chunk if no usage came
     return {
         "ttft_s": first - start,
         "tpot_s": (end - first) / (tokens - 1) if tokens > 1 else None,
@@ -153,53 +177,123 @@ def _summary(results: list[dict], wall: float) -> dict:
     }
 
 
-def run_benchmark(lm, model_name: str, concurrency=(1, 8, 32, 64), requests: int | None = None,
-                  prompt_tokens: int = 64, token_range=(8, 48), seed: int = 0,
-                  block_size: int = 16, prefill_chunk: int = 256,
-                  partial: str | None = None) -> dict:  # fmt: skip
-    """Runs both modes at every concurrency against one server; returns the results dict.
+def measure(server: ServerProcess, model: str, levels, modes, load_for) -> dict[int, dict]:
+    """{concurrency: {mode: summary}} of `server` for each level and mode; each level's load
+    runs once untimed first (compilation, caches), then timed."""
+    out = {}
+    for c in levels:
+        out[c] = {}
+        for mode in modes:
+            static = mode == "static"
+            asyncio.run(_drive(server.url, model, load_for(c, warm=True), c, static))
+            out[c][mode] = asyncio.run(_drive(server.url, model, load_for(c), c, static))
+            print(f"{server.name} C={c} {mode}: {_fmt(out[c][mode])}", flush=True)
+    return out
 
-    requests: per level (default max(C, 8)). partial: a path to write each level to as
-    soon as it is measured.
-    """
-    from infer.engine import EngineConfig
-    from infer.serve import capacity_statement, create_app
 
-    cfg = lm.model.cfg
-    top = max(concurrency)
-    per_seq = -(-(prompt_tokens + token_range[1]) // block_size)
+def ours_command(model: str, port: int, top: int, num_blocks: int, max_seq_len: int | None,
+                 block_size: int, prefill_chunk: int) -> list[str]:  # fmt: skip
+    cmd = [sys.executable, "-m", "infer.serve", "--model", model, "--port", str(port),
+           "--max-batch", str(top), "--num-blocks", str(num_blocks), "--block-size",
+           str(block_size), "--prefill-chunk", str(prefill_chunk), "--max-queue",
+           str(4 * top + 16), "--embedding-model", ""]  # fmt: skip
+    return cmd + (["--max-seq-len", str(max_seq_len)] if max_seq_len else [])
+
+
+def llama_server_command(binary: str, gguf: str, port: int, top: int, slot_ctx: int) -> list:
+    # -c is the context of all slots together; -np slots decode together (continuous batching).
+    return [binary, "-m", gguf, "--port", str(port), "--host", "127.0.0.1", "-np", str(top),
+            "-c", str(top * slot_ctx), "-t", str(os.cpu_count()), "--no-webui"]  # fmt: skip
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """Starts each server in turn, measures every level; returns the results dict."""
+    from models import load_pretrained
+
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="serve_bench_"))
+    if args.tiny:  # a tiny random model, written as a Hugging Face dir for the server to load
+        sys.path.insert(0, str(ROOT / "tests" / "infer"))
+        from tiny_lm import tiny_lm
+
+        from models.hf import save_hf_dir
+
+        lm = tiny_lm()
+        model = str(save_hf_dir(lm.model, workdir / "tiny", tokenizer=lm.tokenizer))
+    else:
+        model = args.model
+        lm = load_pretrained(model, max_seq_len=args.max_seq_len)
+    vocab, context = lm.model.cfg.vocab_size, lm.model.cfg.max_seq_len
+    top, prompt, (low, high) = max(args.concurrency), args.prompt_tokens, args.token_range
+
+    def load_for(c: int, warm: bool = False):
+        return make_load(args.requests or max(c, 8), vocab, prompt, (low, high),
+                         args.seed + (1 if warm else 0))  # fmt: skip
+
+    per_seq = -(-(prompt + high) // args.block_size)
     # Room for every sequence of the load at once, and for one whole context (the server's rule).
-    num_blocks = max(top * per_seq, -(-cfg.max_seq_len // block_size)) + 1
-    config = EngineConfig(max_batch=top, block_size=block_size, num_blocks=num_blocks,
-                          prefill_chunk=prefill_chunk)  # fmt: skip
-    app = create_app(lm, model_name=model_name, max_queue=4 * top + 16, engine_config=config)
-    print(capacity_statement(app.state.engine), flush=True)
-    server = _Server(app)
-    levels = []
+    num_blocks = max(top * per_seq, -(-context // args.block_size)) + 1
+    port = free_port()
+    ours = ServerProcess(
+        ours_command(model, port, top, num_blocks, None if args.tiny else args.max_seq_len,
+                     args.block_size, args.prefill_chunk),
+        port, "ours", workdir / "ours.log",
+    )  # fmt: skip
     try:
-        warm = make_load(top, cfg.vocab_size, prompt_tokens, token_range, seed + 1)
-        t = time.perf_counter()
-        asyncio.run(_drive(server.url, model_name, warm, top, static=False))
-        asyncio.run(_drive(server.url, model_name, warm[:1], 1, static=False))
-        warmup_s = time.perf_counter() - t
-        for c in concurrency:
-            n = requests or max(c, 8)
-            load = make_load(n, cfg.vocab_size, prompt_tokens, token_range, seed)
-            row = {"concurrency": c}
-            for mode in ("continuous", "static"):
-                row[mode] = asyncio.run(_drive(server.url, model_name, load, c, mode == "static"))
-                print(f"C={c} {mode}: {_fmt(row[mode])}", flush=True)
-            row["ratios"] = {
-                k: row["continuous"][k] / row["static"][k]
-                for k in ("requests_per_s", "output_tokens_per_s")
-            }
-            levels.append(row)
-            if partial:  # a long run keeps what it has measured so far
-                pathlib.Path(partial).write_text(json.dumps(levels, indent=2) + "\n")
+        results = {"ours": measure(ours, model, args.concurrency, ("continuous", "static"),
+                                   load_for), "ours_startup_s": ours.startup_s}  # fmt: skip
     finally:
-        server.stop()
-        app.state.engine.close()
-    return {"warmup_s": warmup_s, "levels": levels, "engine": dict(vars(config))}
+        ours.stop()
+    if args.llama_server:
+        gguf = args.gguf or str(_registry_gguf(model))
+        port = free_port()
+        peer = ServerProcess(
+            llama_server_command(args.llama_server, gguf, port, top, 1 << (prompt + high).bit_length()),
+            port, "llama.cpp", workdir / "llama_server.log",
+        )  # fmt: skip
+        try:
+            results["llama_cpp"] = measure(peer, model, args.concurrency, ("continuous",),
+                                           load_for)  # fmt: skip
+            results["llama_cpp_version"] = _llama_version(args.llama_server)
+        finally:
+            peer.stop()
+    levels = []
+    for c in args.concurrency:
+        row = {"concurrency": c, **results["ours"][c]}
+        row["ratios"] = {"continuous_over_static": _ratios(row["continuous"], row["static"])}
+        if "llama_cpp" in results:
+            row["llama_cpp"] = results["llama_cpp"][c]["continuous"]
+            row["ratios"]["ours_over_llama_cpp"] = _ratios(row["continuous"], row["llama_cpp"])
+        levels.append(row)
+    return {
+        "levels": levels,
+        "model": model if not args.tiny else "tiny",
+        "ours_startup_s": results["ours_startup_s"],
+        "llama_cpp_version": results.get("llama_cpp_version"),
+        "engine": {
+            "max_batch": top,
+            "num_blocks": num_blocks,
+            "block_size": args.block_size,
+            "prefill_chunk": args.prefill_chunk,
+        },  # fmt: skip
+    }
+
+
+def _ratios(a: dict, b: dict) -> dict:
+    return {k: a[k] / b[k] for k in ("requests_per_s", "output_tokens_per_s")}
+
+
+def _registry_gguf(name: str) -> pathlib.Path:
+    from models.hub import fetch_registered
+
+    path = fetch_registered(name)
+    if path.suffix != ".gguf":
+        raise ValueError(f"{name} is not a GGUF model; give the peer's file with --gguf")
+    return path
+
+
+def _llama_version(binary: str) -> str:
+    proc = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+    return (proc.stdout + proc.stderr).strip().splitlines()[0] if proc.stdout + proc.stderr else ""
 
 
 def _fmt(s: dict) -> str:
@@ -212,28 +306,31 @@ def _fmt(s: dict) -> str:
 
 def table(results: dict) -> str:
     lines = [
-        "| C | mode | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) | req/s | "
+        "| C | server | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) | req/s | "
         "out tok/s |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    names = {"continuous": "ours, continuous", "static": "ours, static waves",
+             "llama_cpp": "llama.cpp server"}  # fmt: skip
     for row in results["levels"]:
-        for mode in ("continuous", "static"):
-            s = row[mode]
+        for key, name in names.items():
+            if (s := row.get(key)) is None:
+                continue
             lines.append(
-                f"| {row['concurrency']} | {mode} | {s['ttft_p50_s'] * 1e3:.0f} | "
+                f"| {row['concurrency']} | {name} | {s['ttft_p50_s'] * 1e3:.0f} | "
                 f"{s['ttft_p99_s'] * 1e3:.0f} | {(s['tpot_p50_s'] or 0) * 1e3:.1f} | "
                 f"{(s['tpot_p99_s'] or 0) * 1e3:.1f} | {s['requests_per_s']:.2f} | "
                 f"{s['output_tokens_per_s']:.1f} |"
             )
-        r = row["ratios"]
-        lines.append(
-            f"| {row['concurrency']} | continuous / static | | | | | "
-            f"{r['requests_per_s']:.2f}x | {r['output_tokens_per_s']:.2f}x |"
-        )
+        for label, r in row["ratios"].items():
+            lines.append(
+                f"| {row['concurrency']} | {label.replace('_', ' ')} | | | | | "
+                f"{r['requests_per_s']:.2f}x | {r['output_tokens_per_s']:.2f}x |"
+            )
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
@@ -244,40 +341,36 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-seq-len", type=int, default=1024, help="the context to serve")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--prefill-chunk", type=int, default=256)
+    parser.add_argument("--llama-server", default="", help="llama.cpp's llama-server binary")
+    parser.add_argument("--gguf", default="", help="the peer's GGUF (default: the registry's)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).with_name("serve.json")))
     args = parser.parse_args(argv)
+    args.token_range = (args.min_tokens, args.max_tokens)
+    return args
 
+
+def main(argv=None) -> int:
     import jax
 
-    if args.tiny:
-        sys.path.insert(0, str(ROOT / "tests" / "infer"))
-        from tiny_lm import tiny_lm
-
-        lm, name = tiny_lm(), "tiny"
-    else:
-        from models import load_pretrained
-
-        lm, name = load_pretrained(args.model, max_seq_len=args.max_seq_len), args.model
-    results = run_benchmark(
-        lm, name, tuple(args.concurrency), args.requests, args.prompt_tokens,
-        (args.min_tokens, args.max_tokens), args.seed, partial=args.out + ".partial",
-    )  # fmt: skip
+    args = parse_args(argv)
+    results = run_benchmark(args)
     print(table(results))
+    ratios = [r["ratios"] for r in results["levels"]]
     results.update(
-        model=name,
         date=datetime.date.today().isoformat(),
         device=platform.processor() or platform.machine(),
         cpus=os.cpu_count(),
         load_average=os.getloadavg(),
         jax=jax.__version__,
         python=platform.python_version(),
-        args=vars(args),
-        median_ratio_tokens_per_s=statistics.median(
-            r["ratios"]["output_tokens_per_s"] for r in results["levels"]
+        args={k: v for k, v in vars(args).items() if k != "token_range"},
+        median_continuous_over_static_tokens_per_s=statistics.median(
+            r["continuous_over_static"]["output_tokens_per_s"] for r in ratios
         ),
     )
     pathlib.Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    pathlib.Path(args.out + ".partial").unlink(missing_ok=True)
     print(f"wrote {args.out}")
     return 0
 

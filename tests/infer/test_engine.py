@@ -74,6 +74,27 @@ def test_32_concurrent_greedy_requests_equal_their_solo_runs(engine):
     assert engine.stats() == {**engine.stats(), "running": 0, "waiting": 0, "blocks_used": 0}
 
 
+def test_waiting_prompts_are_prefilled_together(lm):
+    """Five queued prompts of up to 16 tokens: one call prefills five rows (padded to 8), and
+    each request's greedy tokens equal its solo run's."""
+    engine = Engine(lm.model, EngineConfig(max_batch=8, prefill_chunk=16, prefill_batch=8))
+    try:
+        prompts = [p[:16] for p in _prompts(5, seed=3)]
+        solo = [_run(engine, [p], [5])[0] for p in prompts]
+        engine.pause()
+        requests = [Request(p, 5, SamplingParams(temperature=0.0)) for p in prompts]
+        engine.submit(*requests)
+        calls = engine.prefill_calls
+        engine.resume()
+        deadline = time.time() + 120
+        while any(r.finish_reason is None for r in requests) and time.time() < deadline:
+            time.sleep(0.01)
+        assert [r.output for r in requests] == solo
+        assert engine.prefill_calls == calls + 1
+    finally:
+        engine.close()
+
+
 def test_prefix_cache_reuses_full_prompt_blocks(engine):
     prompt = _prompts(1, seed=5)[0] + list(range(40))  # > 2 full blocks
     first = _run(engine, [prompt], [8])[0]
