@@ -162,19 +162,12 @@ class CacheSpec:
         # Separate buffers for keys and values: the engine's steps donate them.
         key, value = (jnp.zeros(shape + (self.head_dim,), self.dtype) for _ in range(2))
         scales = [jnp.ones(shape, jnp.float32) if self.dtype == "int8" else None for _ in "kv"]
-        empty = jnp.zeros((self.num_layers, 0), jnp.int32)
+        empty = jnp.zeros((0,), jnp.int32)
         return PagedKVCache(key, value, empty, empty, empty, *scales)
 
 
 def with_rows(
     cache: PagedKVCache, block_tables: jax.Array, lengths: jax.Array, num_new: jax.Array
 ) -> PagedKVCache:
-    """The cache with per-row tables, lengths [B] and new-token counts, stacked over layers."""
-    layers = cache.key.shape[0]
-
-    def stack(x):
-        return jnp.broadcast_to(x, (layers, *x.shape))
-
-    return cache._replace(
-        block_tables=stack(block_tables), lengths=stack(lengths), num_new=stack(num_new)
-    )
+    """The cache with this call's per-row tables [B, M], lengths [B] and new-token counts [B]."""
+    return cache._replace(block_tables=block_tables, lengths=lengths, num_new=num_new)

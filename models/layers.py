@@ -232,14 +232,16 @@ class KVCache(NamedTuple):
 
 
 class PagedKVCache(NamedTuple):
-    """Per-layer paged key/value cache, shared by the rows of a batch (see infer/kv_cache.py).
+    """Paged key/value cache, shared by the rows of a batch (see infer/kv_cache.py).
 
-    `key`/`value`: [P, C, K, H] pages of C slots each (int8, with `key_scale`/`value_scale`
-    [P, C, K] float32, or a float dtype and no scales); `block_tables`: [B, M] the pages of each
-    row in order; `lengths`: [B] tokens a row has cached before this call; `num_new`: [B] how
-    many of the call's T tokens are real: the rest (padding, idle rows) are written to page 0,
-    which the allocator never hands out. Stacked over layers (a leading L axis on every field)
-    in the scanned decoder.
+    `key`/`value`: [L, P, C, K, H] pages of C slots each for every layer (int8, with
+    `key_scale`/`value_scale` [L, P, C, K] float32, or a float dtype and no scales);
+    `block_tables`: [B, M] the pages of each row in order; `lengths`: [B] tokens a row has
+    cached before this call; `num_new`: [B] how many of the call's T tokens are real: the rest
+    (padding, idle rows) are written to page 0, which the allocator never hands out. `layer` is
+    set by the scanned decoder for the layer being run: the pages stay whole in the scan's carry,
+    and each layer writes and reads its own in place (scanning them as per-layer slices would
+    copy the whole cache at every step).
     """
 
     key: jax.Array
@@ -249,6 +251,7 @@ class PagedKVCache(NamedTuple):
     num_new: jax.Array
     key_scale: jax.Array | None = None
     value_scale: jax.Array | None = None
+    layer: jax.Array | int = 0
 
 
 def paged_attention(
@@ -258,12 +261,13 @@ def paged_attention(
 
     Query t of row b sits at position lengths[b] + t and sees the keys before it and itself.
     One new token per row under attention_impl "pallas" uses the paged decode kernel; otherwise
-    the pages are gathered (the plain-JAX reference) and masked.
+    the rows' pages of layer `cache.layer` are gathered (the plain-JAX reference) and masked.
     """
     from kernels.decode_attention import decode_attention, quantize_kv_int8
 
     b, t = k.shape[:2]
-    num_pages, page_size = cache.key.shape[:2]
+    num_pages, page_size = cache.key.shape[1:3]
+    layer = cache.layer
     order = cache.lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
     real = jnp.arange(t)[None, :] < cache.num_new[:, None]
     logical = jnp.clip(order // page_size, 0, cache.block_tables.shape[1] - 1)
@@ -272,31 +276,32 @@ def paged_attention(
     if cache.key_scale is not None:
         (kq, ks), (vq, vs) = quantize_kv_int8(k), quantize_kv_int8(v)
         cache = cache._replace(
-            key=cache.key.at[page, slot].set(kq),
-            value=cache.value.at[page, slot].set(vq),
-            key_scale=cache.key_scale.at[page, slot].set(ks),
-            value_scale=cache.value_scale.at[page, slot].set(vs),
+            key=cache.key.at[layer, page, slot].set(kq),
+            value=cache.value.at[layer, page, slot].set(vq),
+            key_scale=cache.key_scale.at[layer, page, slot].set(ks),
+            value_scale=cache.value_scale.at[layer, page, slot].set(vs),
         )
     else:
         cache = cache._replace(
-            key=cache.key.at[page, slot].set(k.astype(cache.key.dtype)),
-            value=cache.value.at[page, slot].set(v.astype(cache.value.dtype)),
+            key=cache.key.at[layer, page, slot].set(k.astype(cache.key.dtype)),
+            value=cache.value.at[layer, page, slot].set(v.astype(cache.value.dtype)),
         )
     total = cache.lengths + cache.num_new  # [B]
     sm_scale = None if cfg.scale_attention else 1.0
     if t == 1 and cfg.position != "alibi" and attention_impl(cfg) == "pallas":
+        scales = [None if x is None else x[layer] for x in (cache.key_scale, cache.value_scale)]
         out = decode_attention(
-            q[:, 0], cache.key, cache.value, cache.block_tables, total,
-            k_scales=cache.key_scale, v_scales=cache.value_scale, sm_scale=sm_scale,
+            q[:, 0], cache.key[layer], cache.value[layer], cache.block_tables, total,
+            k_scales=scales[0], v_scales=scales[1], sm_scale=sm_scale,
         )  # fmt: skip
         return out[:, None], cache
     pages = jnp.clip(cache.block_tables, 0, num_pages - 1)
     s_len = pages.shape[1] * page_size
 
     def gather(x, scale):
-        x = jnp.take(x, pages, axis=0)  # [B, M, C, K, H]
+        x = x[layer, pages]  # [B, M, C, K, H]: one gather, no copy of the layer's pages
         if scale is not None:
-            x = x.astype(jnp.float32) * jnp.take(scale, pages, axis=0)[..., None]
+            x = x.astype(jnp.float32) * scale[layer, pages][..., None]
         return x.reshape(b, s_len, *x.shape[3:]).astype(q.dtype)
 
     keys, values = gather(cache.key, cache.key_scale), gather(cache.value, cache.value_scale)
@@ -721,5 +726,19 @@ def scan_blocks(
     if _LAYER_STACK_RUNNER and cache is None:
         run = _LAYER_STACK_RUNNER[-1]
         return run(layer, block_state, x, dropout_keys, (positions, segment_ids, shared)), None
-    unroll = min(cfg.scan_unroll, jax.tree.leaves(block_state)[0].shape[0])
-    return jax.lax.scan(layer, x, (block_state, cache, dropout_keys), unroll=unroll)
+    num_layers = jax.tree.leaves(block_state)[0].shape[0]
+    unroll = min(cfg.scan_unroll, num_layers)
+    if not isinstance(cache, PagedKVCache):
+        return jax.lax.scan(layer, x, (block_state, cache, dropout_keys), unroll=unroll)
+
+    # Paged: the pages ride in the carry, whole, so each layer's writes happen in place.
+    def paged_layer(carry, per_layer):
+        x, pages = carry
+        state, index, key = per_layer
+        x, new = layer(x, (state, cache._replace(**pages, layer=index), key))
+        return (x, {name: getattr(new, name) for name in pages}), None
+
+    pages = {name: getattr(cache, name) for name in ("key", "value", "key_scale", "value_scale")}
+    xs = (block_state, jnp.arange(num_layers), dropout_keys)
+    (x, pages), _ = jax.lax.scan(paged_layer, (x, pages), xs, unroll=unroll)
+    return x, cache._replace(**pages)

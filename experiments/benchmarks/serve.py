@@ -11,7 +11,8 @@ Method:
     runs, so the load generator (this process: httpx, asyncio) never shares an interpreter
     with a server. Ours: `python -m infer.serve` with max_batch = the highest concurrency and
     room in its KV cache for every sequence of the load at once.
-  * Load, from --seed: max(C, 8) requests per level (--requests); each prompt is P random
+  * Load, from --seed: max(4 C, 8) requests per level (--requests), so that under continuous
+    batching clients keep refilling freed slots; each prompt is P random
     token ids (default 64) and each max_tokens is drawn from [--min-tokens, --max-tokens]
     (8..48), so requests end at different times. Greedy, `ignore_eos`, streamed
     (/v1/completions with token-id prompts): every server produces exactly the same number of
@@ -69,7 +70,9 @@ class ServerProcess:
 
         self.name, self.url = name, f"http://127.0.0.1:{port}"
         self.log = open(log, "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT
+        )
         start = time.perf_counter()
         while time.perf_counter() - start < timeout:
             if self.proc.poll() is not None:
@@ -138,7 +141,9 @@ async def _drive(url: str, model: str, load, concurrency: int, static: bool) -> 
     import httpx
 
     results = []
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # A new connection per request, for every server: the llama-server build we compare with
+    # (llama.cpp 0c1e570) shuts itself down when a kept-alive connection sends a second request.
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
         start = time.perf_counter()
         if static:
@@ -226,10 +231,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     top, prompt, (low, high) = max(args.concurrency), args.prompt_tokens, args.token_range
 
     def load_for(c: int, warm: bool = False):
-        return make_load(args.requests or max(c, 8), vocab, prompt, (low, high),
+        return make_load(args.requests or max(4 * c, 8), vocab, prompt, (low, high),
                          args.seed + (1 if warm else 0))  # fmt: skip
 
-    per_seq = -(-(prompt + high) // args.block_size)
+    per_seq = -(-(prompt + high) // args.block_size)  # blocks for one request
     # Room for every sequence of the load at once, and for one whole context (the server's rule).
     num_blocks = max(top * per_seq, -(-context // args.block_size)) + 1
     port = free_port()

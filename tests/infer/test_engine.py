@@ -212,6 +212,29 @@ def _paged_forward(graphdef, state, tokens, positions, cache):
     return nnx.merge(graphdef, state)(tokens, positions=positions, cache=cache)
 
 
+def test_paged_decode_kernel_reads_the_layer_being_run(lm):
+    """A one-token decode step through the Pallas paged kernel (interpret mode on CPU) gives the
+    gather path's logits: each layer passes the kernel its own pages of the stacked cache."""
+    import dataclasses
+
+    cfg = lm.model.cfg
+    spec = CacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 12, 16, cfg.max_seq_len)
+    table = jnp.asarray([[7, 2, 9, 0]], jnp.int32)
+    prompt = jnp.asarray([list(range(3, 21))], jnp.int32)  # 18 tokens, then one more
+    logits = {}
+    for impl in ("xla", "pallas"):
+        model = nnx.clone(lm.model)
+        for module in (model, *(m for _, m in nnx.iter_graph(model) if hasattr(m, "cfg"))):
+            module.cfg = dataclasses.replace(cfg, attention_impl=impl)
+        graphdef, state = nnx.split(model)
+        rows = with_rows(spec.init(), table, jnp.asarray([0]), jnp.asarray([18]))
+        _, cache = _paged_forward(graphdef, state, prompt, jnp.arange(18)[None], rows)
+        step = with_rows(cache, table, jnp.asarray([18]), jnp.asarray([1]))
+        out, _ = _paged_forward(graphdef, state, jnp.asarray([[21]]), jnp.asarray([[18]]), step)
+        logits[impl] = out
+    np.testing.assert_allclose(logits["pallas"], logits["xla"], atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
 def test_paged_cache_equals_a_full_forward(lm, dtype):
     """Three prefill chunks and one decode token through scattered pages == no cache."""
