@@ -156,17 +156,22 @@ def sample_rows(
       log-probabilities under the model's distribution (before any setting); the top ones are
       computed only when some row asks for logprobs (zeros otherwise).
 
-    Drawing (a random number per vocabulary entry) and the top-20 are skipped at run time when
-    no row needs them: at B=64 and V=49152 they cost more than the model's decode step on a CPU.
+    What no row needs is skipped at run time (`lax.cond`): the penalties, and for an all-greedy
+    batch the temperature, filters and random draw (a random number per vocabulary entry), and
+    the top-20. At B=64 and V=49152 these cost more than the model's decode step on a CPU.
     """
     temperature, top_k, top_p, min_p, repetition, presence, frequency, want_top = rows.T
     logits = logits.astype(jnp.float32)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    rep = repetition[:, None]
-    x = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
-    x = x - presence[:, None] * (counts > 0) - frequency[:, None] * counts + bias
+    log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+    def penalize(x):
+        rep = repetition[:, None]
+        x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
+        return x - presence[:, None] * (counts > 0) - frequency[:, None] * counts + bias
+
+    needs_penalty = jnp.any(repetition != 1) | jnp.any(presence != 0) | jnp.any(frequency != 0)
+    x = jax.lax.cond(needs_penalty | jnp.any(bias != 0), penalize, lambda x: x, logits)
     greedy = jax.lax.top_k(x, 1)[1][:, 0].astype(jnp.int32)  # = argmax (lowest index on ties)
-    x = x / jnp.where(temperature > 0, temperature, 1.0)[:, None]
 
     def sort_filters(x):
         # top-k and nucleus (Holtzman et al. 2020) thresholds from one descending sort.
@@ -180,29 +185,28 @@ def sample_rows(
         threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
         return jnp.where(x < threshold, -jnp.inf, x)
 
-    needs_sort = jnp.any((top_k > 0) | (top_p < 1))
-    x = jax.lax.cond(needs_sort, sort_filters, lambda x: x, x)
-    # min-p (Nguyen et al. 2024): drop tokens below min_p times the top token's probability.
-    probs = jax.nn.softmax(x, axis=-1)
-    x = jnp.where(probs < min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, x)
-
     def draw(x):
+        x = x / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        x = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1)), sort_filters, lambda x: x, x)
+        # min-p (Nguyen et al. 2024): drop tokens below min_p times the top token's probability.
+        probs = jax.nn.softmax(x, axis=-1)
+        x = jnp.where(probs < min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, x)
         keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(key_data), steps)
         drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, x)
         return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)
 
     tokens = jax.lax.cond(jnp.any(temperature > 0), draw, lambda x: greedy, x)
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - log_z[:, 0]
     k = min(MAX_TOP_LOGPROBS, logits.shape[-1])
 
-    def top(logprobs):
-        top_lp, top_ids = jax.lax.top_k(logprobs, k)
-        return top_ids.astype(jnp.int32), top_lp
+    def top(logits):
+        top_logits, top_ids = jax.lax.top_k(logits, k)
+        return top_ids.astype(jnp.int32), top_logits - log_z
 
-    def no_top(logprobs):
-        return jnp.zeros((logprobs.shape[0], k), jnp.int32), jnp.zeros((logprobs.shape[0], k))
+    def no_top(logits):
+        return jnp.zeros((logits.shape[0], k), jnp.int32), jnp.zeros((logits.shape[0], k))
 
-    top_ids, top_lp = jax.lax.cond(jnp.any(want_top > 0), top, no_top, logprobs)
+    top_ids, top_lp = jax.lax.cond(jnp.any(want_top > 0), top, no_top, logits)
     return tokens, chosen, top_ids, top_lp
 
 

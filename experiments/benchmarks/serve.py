@@ -196,13 +196,15 @@ def measure(server: ServerProcess, model: str, levels, modes, load_for) -> dict[
     return out
 
 
-def ours_command(model: str, port: int, top: int, num_blocks: int, max_seq_len: int | None,
-                 block_size: int, prefill_chunk: int) -> list[str]:  # fmt: skip
+def ours_command(
+    args: argparse.Namespace, model: str, port: int, top: int, num_blocks: int
+) -> list[str]:
     cmd = [sys.executable, "-m", "infer.serve", "--model", model, "--port", str(port),
-           "--max-batch", str(top), "--num-blocks", str(num_blocks), "--block-size",
-           str(block_size), "--prefill-chunk", str(prefill_chunk), "--max-queue",
+           "--max-batch", str(top), "--num-blocks", str(num_blocks), "--max-queue",
            str(4 * top + 16), "--embedding-model", ""]  # fmt: skip
-    return cmd + (["--max-seq-len", str(max_seq_len)] if max_seq_len else [])
+    for flag in ("block_size", "prefill_chunk", "prefill_batch"):
+        cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return cmd + ([] if args.tiny else ["--max-seq-len", str(args.max_seq_len)])
 
 
 def llama_server_command(binary: str, gguf: str, port: int, top: int, slot_ctx: int) -> list:
@@ -239,10 +241,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     num_blocks = max(top * per_seq, -(-context // args.block_size)) + 1
     port = free_port()
     ours = ServerProcess(
-        ours_command(model, port, top, num_blocks, None if args.tiny else args.max_seq_len,
-                     args.block_size, args.prefill_chunk),
-        port, "ours", workdir / "ours.log",
-    )  # fmt: skip
+        ours_command(args, model, port, top, num_blocks), port, "ours", workdir / "ours.log"
+    )
     try:
         results = {"ours": measure(ours, model, args.concurrency, ("continuous", "static"),
                                    load_for), "ours_startup_s": ours.startup_s}  # fmt: skip
@@ -277,8 +277,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "engine": {
             "max_batch": top,
             "num_blocks": num_blocks,
-            "block_size": args.block_size,
-            "prefill_chunk": args.prefill_chunk,
+            **{k: getattr(args, k) for k in ("block_size", "prefill_chunk", "prefill_batch")},
         },  # fmt: skip
     }
 
@@ -348,6 +347,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-seq-len", type=int, default=1024, help="the context to serve")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--prefill-chunk", type=int, default=256)
+    parser.add_argument("--prefill-batch", type=int, default=8)
     parser.add_argument("--llama-server", default="", help="llama.cpp's llama-server binary")
     parser.add_argument("--gguf", default="", help="the peer's GGUF (default: the registry's)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).with_name("serve.json")))

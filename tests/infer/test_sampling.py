@@ -39,7 +39,7 @@ def test_greedy_rows_take_the_argmax_beside_sampled_rows(logits):
     best = np.argmax(np.asarray(logits), axis=-1)
     assert tokens[0] == best[0] and tokens[2] == best[2]
     np.testing.assert_allclose(lp, np.take_along_axis(jax.nn.log_softmax(logits), tokens[:, None],
-                                                      -1)[:, 0], rtol=1e-6)  # fmt: skip
+                                                      -1)[:, 0], rtol=1e-5)  # fmt: skip
     assert (top_ids[:, 0] == best).all() and (np.diff(top_lp, axis=-1) <= 0).all()
 
 
@@ -49,7 +49,7 @@ def test_all_greedy_rows_skip_drawing_and_top_logprobs(logits):
     tokens, lp, top_ids, top_lp = _draw(logits, params)
     best = np.argmax(np.asarray(logits), axis=-1)
     np.testing.assert_array_equal(tokens, best)
-    np.testing.assert_allclose(lp, jax.nn.log_softmax(logits).max(-1), rtol=1e-6)
+    np.testing.assert_allclose(lp, jax.nn.log_softmax(logits).max(-1), rtol=1e-5)
     assert not top_ids.any() and not top_lp.any()
 
 
