@@ -22,8 +22,9 @@ Method:
     only when all of the previous one has finished, as in static batching.
   * Per request: TTFT (send -> first token chunk), time per output token ((end - first token) /
     (tokens - 1)); per level: requests/s and output tokens/s over the wall time. p50 and p99.
-  * Warm-up: before each timed level, the same shape of load (another seed) runs untimed, so
-    every program shape the level needs is compiled before it is timed.
+  * Warm-up: before each timed level, the same load with other token ids (the same lengths)
+    runs untimed, so every program shape the level needs is compiled before it is timed and
+    the prefix cache holds nothing of the timed prompts.
   * Peer (--llama-server): llama.cpp's `llama-server` on the same model's GGUF file
     (SmolLM2-135M-Instruct Q4_1), `-np` = the highest concurrency (its continuous batching over
     parallel slots), `-t` = the cores. It computes on the 4-bit blocks; ours on the same
@@ -96,17 +97,15 @@ class ServerProcess:
         self.log.close()
 
 
-def make_load(num: int, vocab: int, prompt_tokens: int, token_range, seed: int):
-    """num (prompt ids, max_tokens) pairs, the same for every mode and server."""
+def make_load(num: int, vocab: int, prompt_tokens: int, token_range, seed: int, ids_seed=None):
+    """num (prompt ids, max_tokens) pairs, the same for every mode and server. `ids_seed` draws
+    other token ids for the same lengths: a warm-up load of the same shapes (so every program
+    shape is compiled) that the prefix cache cannot serve to the timed load."""
     rng = np.random.default_rng(seed)
+    ids = np.random.default_rng(seed if ids_seed is None else ids_seed)
     low, high = token_range
-    return [
-        (
-            [int(t) for t in rng.integers(100, vocab, prompt_tokens)],
-            int(rng.integers(low, high + 1)),
-        )
-        for _ in range(num)
-    ]
+    limits = rng.integers(low, high + 1, num)
+    return [([int(t) for t in ids.integers(100, vocab, prompt_tokens)], int(m)) for m in limits]
 
 
 async def _one(client, url: str, model: str, prompt, max_tokens: int) -> dict:
@@ -233,8 +232,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     top, prompt, (low, high) = max(args.concurrency), args.prompt_tokens, args.token_range
 
     def load_for(c: int, warm: bool = False):
-        return make_load(args.requests or max(4 * c, 8), vocab, prompt, (low, high),
-                         args.seed + (1 if warm else 0))  # fmt: skip
+        n = args.requests or max(4 * c, 8)
+        return make_load(n, vocab, prompt, (low, high), args.seed,
+                         ids_seed=args.seed + 1 if warm else None)  # fmt: skip
 
     per_seq = -(-(prompt + high) // args.block_size)  # blocks for one request
     # Room for every sequence of the load at once, and for one whole context (the server's rule).

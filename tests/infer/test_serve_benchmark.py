@@ -21,6 +21,9 @@ def test_load_is_fixed_by_its_seed():
     load = bench.make_load(5, 300, 12, (2, 6), seed=0)
     assert load == bench.make_load(5, 300, 12, (2, 6), seed=0)
     assert load != bench.make_load(5, 300, 12, (2, 6), seed=1)
+    warm = bench.make_load(5, 300, 12, (2, 6), seed=0, ids_seed=1)  # same lengths, other ids
+    assert [m for _, m in warm] == [m for _, m in load]
+    assert all(a != b for (a, _), (b, _) in zip(warm, load, strict=True))
     assert all(len(p) == 12 and 2 <= m <= 6 for p, m in load)
 
 
