@@ -11,10 +11,11 @@ The loss counts assistant tokens only; conversations are packed two or three to 
 segment ids. Before and after training the run measures the loss on held-out answers and the
 exact-match rate of greedy answers to the held-out questions (workdir/answers.json).
 
-Hardware and result (2 CPU cores, 2026-11-25): LoRA rank 16 on every projection of the 30
-layers trains 3.5% of the parameters; 40 steps at ~23 s each, about 20 minutes in all with both
-evaluations. Held-out answer loss 1.686 -> 0.368 nats/token, exact answers 0/40 -> 17/40
-(docs/finetune.md).
+Hardware and result (2-core AMD EPYC VM, 2026-12-06): LoRA rank 16 on every projection of the
+30 layers trains 3.5% of the parameters; 40 steps at ~11 s each; 9 min 39 s in all (`time`),
+loading and both evaluations included. Held-out answer loss 1.686 -> 0.368 nats/token, exact
+answers 0/40 -> 17/40 (docs/finetune.md). (2026-11-25, on a slower 2-core VM: ~23 s a step,
+about 20 minutes.)
 
 `:qlora` keeps the frozen base weights int8 (weight-only, per-channel scales). `:runlocal` is a
 tiny smoke run (3 steps, short rows) that tests use.

@@ -266,32 +266,55 @@ def sample(
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "length"))
-def _fill_spans(graphdef, state, inputs, start_id, length):
+@functools.partial(jax.jit, static_argnames=("graphdef", "length", "greedy", "top_k"))
+def _seq2seq(graphdef, state, inputs, start_id, length, key, greedy, temperature, top_k, top_p):
     model = nnx.merge(graphdef, state)
     encoded = model.encode(inputs)
     batch = inputs.shape[0]
     cache = model.init_cache(batch, length)
     token = jnp.full((batch, 1), start_id, jnp.int32)
 
-    def step(carry, _):
+    def step(carry, i):
         token, cache = carry
         logits, cache = model.decode(token, encoded, cache=cache)
-        token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
-        return (token, cache), token[:, 0]
+        t = 0.0 if greedy else temperature  # the same rule as the decoder-only paths
+        token = sample_logits(logits[:, -1], jax.random.fold_in(key, i), t, top_k, top_p)
+        return (token[:, None], cache), token
 
-    _, tokens = jax.lax.scan(step, (token, cache), None, length=length)
+    _, tokens = jax.lax.scan(step, (token, cache), jnp.arange(length))
     return tokens.T
 
 
-def fill_spans(model: nnx.Module, inputs, start_id: int, length: int) -> np.ndarray:
-    """Greedy T5 decoding of `length` target tokens for corrupted inputs [B, S] -> [B, length].
+def generate_seq2seq(
+    model: nnx.Module,
+    inputs,
+    max_tokens: int,
+    start_id: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """Decodes `max_tokens` target tokens for encoder inputs [B, S] (or [S]) -> [B, max_tokens].
 
-    The encoder runs once; the decoder runs one cached step per token inside one jitted scan.
+    An encoder-decoder model (T5): the encoder runs once; the decoder runs one cached step per
+    token inside one jitted scan, each drawn by `sample_logits` (greedy at temperature 0), the
+    rule the decoder-only paths use. Temperature and top_p are traced: new values reuse the
+    compilation.
     """
     graphdef, state = nnx.split(model)
-    tokens = _fill_spans(graphdef, state, jnp.asarray(inputs, jnp.int32), start_id, length)
+    tokens = _seq2seq(
+        graphdef, state, jnp.atleast_2d(jnp.asarray(inputs, jnp.int32)), start_id, max_tokens,
+        jax.random.key(seed), temperature == 0, jnp.float32(temperature), top_k,
+        jnp.float32(top_p),
+    )  # fmt: skip
     return np.asarray(tokens)[0] if np.ndim(inputs) == 1 else np.asarray(tokens)
+
+
+def fill_spans(model: nnx.Module, inputs, start_id: int, length: int) -> np.ndarray:
+    """Greedy T5 decoding of `length` target tokens for corrupted inputs [B, S] -> [B, length]."""
+    return generate_seq2seq(model, inputs, length, start_id)
 
 
 def fill_blank(
