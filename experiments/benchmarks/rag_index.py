@@ -231,9 +231,9 @@ def main() -> None:
 
     payload = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-        "(shared with other jobs)",
-        "load_avg_1m_at_start": load_avg,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "load_avg_1m_at_start": load_avg,  # above ~0.5 per core: other jobs shared the machine
+        "load_avg_1m_at_end": os.getloadavg()[0],
         "versions": {
             "jax": jax.__version__,
             "usearch": usearch_version,

@@ -22,9 +22,10 @@ Method:
     only when all of the previous one has finished, as in static batching.
   * Per request: TTFT (send -> first token chunk), time per output token ((end - first token) /
     (tokens - 1)); per level: requests/s and output tokens/s over the wall time. p50 and p99.
-  * Warm-up: before each timed level, the same load with other token ids (the same lengths)
-    runs untimed, so every program shape the level needs is compiled before it is timed and
-    the prefix cache holds nothing of the timed prompts.
+  * Warm-up: before each timed run, the same load with other token ids (the same lengths)
+    runs untimed, so every program shape the run needs is compiled before it is timed. Every
+    run (warm-up or timed, each mode) draws its own token ids for the same lengths, so no run
+    is served from the prefix cache of an earlier one; the servers see the same work.
   * Peer (--llama-server): llama.cpp's `llama-server` on the same model's GGUF file
     (SmolLM2-135M-Instruct Q4_1), `-np` = the highest concurrency (its continuous batching over
     parallel slots), `-t` = the cores. It computes on the 4-bit blocks; ours on the same
@@ -183,14 +184,16 @@ def _summary(results: list[dict], wall: float) -> dict:
 
 def measure(server: ServerProcess, model: str, levels, modes, load_for) -> dict[int, dict]:
     """{concurrency: {mode: summary}} of `server` for each level and mode; each level's load
-    runs once untimed first (compilation, caches), then timed."""
+    runs once untimed first (compilation), then timed. Each run's prompts have their own token
+    ids (the same lengths): no run finds another's prompts in the server's prefix cache."""
     out = {}
     for c in levels:
         out[c] = {}
-        for mode in modes:
+        for i, mode in enumerate(modes):
             static = mode == "static"
-            asyncio.run(_drive(server.url, model, load_for(c, warm=True), c, static))
-            out[c][mode] = asyncio.run(_drive(server.url, model, load_for(c), c, static))
+            warm, timed = load_for(c, ids=2 * i + 1), load_for(c, ids=2 * i + 2)
+            asyncio.run(_drive(server.url, model, warm, c, static))
+            out[c][mode] = asyncio.run(_drive(server.url, model, timed, c, static))
             print(f"{server.name} C={c} {mode}: {_fmt(out[c][mode])}", flush=True)
     return out
 
@@ -231,10 +234,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     vocab, context = lm.model.cfg.vocab_size, lm.model.cfg.max_seq_len
     top, prompt, (low, high) = max(args.concurrency), args.prompt_tokens, args.token_range
 
-    def load_for(c: int, warm: bool = False):
+    def load_for(c: int, ids: int):
         n = args.requests or max(4 * c, 8)
-        return make_load(n, vocab, prompt, (low, high), args.seed,
-                         ids_seed=args.seed + 1 if warm else None)  # fmt: skip
+        return make_load(n, vocab, prompt, (low, high), args.seed, ids_seed=args.seed + ids)
 
     per_seq = -(-(prompt + high) // args.block_size)  # blocks for one request
     # Room for every sequence of the load at once, and for one whole context (the server's rule).
