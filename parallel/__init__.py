@@ -1,6 +1,7 @@
 """Parallelism: device meshes, logical-axis sharding rules, the sharded train step, multi-host.
 
     parallel.initialize()                                    # before touching devices
+    parallel.cpu.use_cpu_cores(2)                            # CPU: a device per core, first
     mesh = parallel.make_mesh({"fsdp": -1, "tensor": 2})     # mesh.py
     # sharding.py: PRESETS "dp", "fsdp", "tp", "dp_tp", "fsdp_tp", "pp*"; use_rules(mesh, rules)
     # train.py: init_sharded_train_state, make_sharded_train_step, shard_batch
@@ -10,6 +11,7 @@
 Model code names logical axes only; the rules table here maps them to mesh axes.
 """
 
+from parallel import cpu
 from parallel.distributed import initialize
 from parallel.mesh import MESH_AXES, make_mesh
 from parallel.pipeline import PipelineConfig, bubble_fraction
@@ -20,6 +22,7 @@ __all__ = [
     "PRESETS",
     "PipelineConfig",
     "bubble_fraction",
+    "cpu",
     "initialize",
     "logical_to_spec",
     "make_mesh",
