@@ -88,6 +88,6 @@ def one_at_a_time(fn: Callable) -> Callable:
 
 
 def needs_one_at_a_time(devices=None) -> bool:
-    """True for a mesh of several CPU devices on a host with no spare threads for them."""
+    """True for several CPU devices: calls over them should go through `one_at_a_time`."""
     devices = jax.devices() if devices is None else list(devices)
     return len(devices) > 1 and devices[0].platform == "cpu"

@@ -111,6 +111,21 @@ def cross_entropy(
     return total, ce, count
 
 
+def use_cpu_cores_of(config: ml_collections.ConfigDict) -> int:
+    """Applies config.parallel.cpu_devices (parallel/cpu.py) if JAX has not started yet: as many
+    single-threaded CPU devices as asked that split the train and eval batches evenly.
+
+    Returns the CPU devices made (1 when none were, or when JAX had already started)."""
+    if not config.parallel.get("cpu_devices", 0):
+        return 1
+    batch_sizes = (
+        config.data.batch_size // config.train.grad_accum_steps,
+        config.data.get("eval_batch_size") or config.data.batch_size,
+    )
+    n = cpu_device_count(config.parallel.cpu_devices, batch_sizes)
+    return n if use_cpu_cores(n) else 1
+
+
 def init_train_state(
     model_cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int
 ) -> tuple[nnx.GraphDef, dict]:
@@ -338,14 +353,8 @@ def train_and_evaluate(
             f"data.batch_size={config.data.batch_size} is not divisible by "
             f"train.grad_accum_steps={tcfg.grad_accum_steps}"
         )
-    if config.parallel.get("cpu_devices", 0):  # before anything starts the JAX backend
-        batch_sizes = (
-            config.data.batch_size // tcfg.grad_accum_steps,
-            config.data.get("eval_batch_size") or config.data.batch_size,
-        )
-        n = cpu_device_count(config.parallel.cpu_devices, batch_sizes)
-        if use_cpu_cores(n) and jax.default_backend() == "cpu":
-            print(f"CPU: {n} single-threaded devices, data parallel over the cores", flush=True)
+    if (n := use_cpu_cores_of(config)) > 1 and jax.default_backend() == "cpu":
+        print(f"CPU: {n} single-threaded devices, data parallel over the cores", flush=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     optimizer, schedule = make_optimizer(config.optimizer, tcfg.num_steps)  # fail before data

@@ -469,9 +469,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return step_only(args)
     # The end-to-end run uses the devices its config asks for (as `python -m train` does), and
     # a process's CPU devices are fixed when JAX starts: so choose them first.
-    e2e = load_config(args.e2e_config)
-    batch_sizes = (e2e.data.batch_size // e2e.train.grad_accum_steps, e2e.data.eval_batch_size)
-    use_cpu_cores(cpu_device_count(e2e.parallel.cpu_devices, batch_sizes))
+    trainer.use_cpu_cores_of(load_config(args.e2e_config))
     report = run_benchmark(args)
     print(format_tables(report))
     out = (
