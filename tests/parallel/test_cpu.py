@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from training_run import train
 
 from parallel import cpu
 
@@ -80,27 +81,13 @@ def test_use_cpu_cores_splits_the_host_before_jax_starts():
     assert result["values"] == [sum(i * i for i in range(64))]
 
 
-RUN = """
-import json, sys
-from train.config_lib import apply_overrides, load_config_script
-from train.trainer import train_and_evaluate
-import jax
-config = load_config_script("experiments/shakespeare_char.py:runlocal")
-apply_overrides(config, sys.argv[2:])
-result = train_and_evaluate(config, sys.argv[1])
-rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
-losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
-print(json.dumps({"devices": jax.device_count(), "val_loss": result.val_loss, "losses": losses}))
-"""
-
-
 @pytest.mark.slow
 def test_training_over_cpu_cores_matches_one_device(tmp_path):
     """parallel.cpu_devices=2 trains data parallel over two devices: the one-device losses."""
     common = ["train.num_steps=6", "train.eval_every=3", "train.sample_tokens=0"]
     common += ["data.batch_size=8", "optimizer.decay_steps=6"]
-    single = json.loads(run_python(RUN, str(tmp_path / "one"), *common))
-    split = json.loads(run_python(RUN, str(tmp_path / "two"), *common, "parallel.cpu_devices=2"))
+    single = train(tmp_path / "one", None, *common)
+    split = train(tmp_path / "two", None, *common, "parallel.cpu_devices=2")
     assert (single["devices"], split["devices"]) == (1, 2)
     assert split["losses"].keys() == single["losses"].keys()
     for step, loss in single["losses"].items():

@@ -3,42 +3,8 @@ same model as on one device: equal losses, and a resumed sharded run continues i
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-RUN = """
-import json, sys
-import jax
-jax.config.update("jax_disable_most_optimizations", True)
-from train.config_lib import apply_overrides, load_config_script
-from train.trainer import train_and_evaluate
-config = load_config_script("experiments/shakespeare_char.py:runlocal")
-apply_overrides(config, sys.argv[2:])
-result = train_and_evaluate(config, sys.argv[1])
-rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
-losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
-print(json.dumps({"devices": jax.device_count(), "val_loss": result.val_loss, "losses": losses}))
-"""
-
-
-def train(workdir: pathlib.Path, devices: int, *overrides: str) -> dict:
-    """Trains the runlocal char config in a fresh interpreter with `devices` CPU devices."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    proc = subprocess.run(
-        [sys.executable, "-c", RUN, str(workdir), *overrides],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    if proc.returncode:
-        pytest.fail(f"training on {devices} devices failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+from training_run import train
 
 
 @pytest.fixture(scope="module")
