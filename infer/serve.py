@@ -187,6 +187,10 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     error = exc.errors()[0] if exc.errors() else {}
     if error.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {error.get('msg')}")
+    if tuple(error.get("loc", ())) == ("body",) and isinstance(error.get("input"), bytes):
+        # FastAPI parses the body as JSON only when Content-Type says so (curl -d sends a form).
+        return APIError(400, "the request body must be a JSON object sent with "
+                        "Content-Type: application/json")  # fmt: skip
     loc = [str(part) for part in error.get("loc", ()) if part != "body"]
     # Union members add their type names to the location; keep only the field path.
     param = ".".join(p for p in loc if p.isidentifier() or p.isdigit()) or None

@@ -220,6 +220,19 @@ def test_malformed_json_is_400(server):
     r = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "tin', headers=headers)
     assert r.status_code == 400
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_body_without_json_content_type_is_400(server):
+    """curl -d sends application/x-www-form-urlencoded; the error says what to send instead."""
+    headers = {
+        "Authorization": f"Bearer {KEY}",
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
+    body = json.dumps({"model": NAME, "prompt": "hi"}).encode()
+    r = httpx.post(server.url + "/v1/completions", content=body, headers=headers)
+    assert r.status_code == 400
+    assert "Content-Type: application/json" in r.json()["error"]["message"]
 
 
 def test_prompt_longer_than_the_context_is_400(client):
