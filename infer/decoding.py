@@ -132,6 +132,8 @@ def prompt_ids(lm, prompt: str | Messages, *, raw: bool = False) -> list[int]:
 
     With raw=False a string prompt of a model that has a chat template is sent as one user
     message, as `python -m infer.generate` does; `generate()` itself treats strings as raw.
+    Messages ending with an assistant message are rendered so that the model continues it
+    (a prefilled start of the reply), as transformers' pipelines do.
     """
     tokenizer = lm.tokenizer
     if isinstance(prompt, str):
@@ -140,6 +142,10 @@ def prompt_ids(lm, prompt: str | Messages, *, raw: bool = False) -> list[int]:
         prompt = [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list):
         raise TypeError(f"prompt must be a string or a list of messages, got {type(prompt)}")
+    if prompt and prompt[-1].get("role") == "assistant":  # continue a prefilled reply
+        return tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=False, continue_final_message=True
+        )
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
 
 

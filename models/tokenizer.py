@@ -430,6 +430,7 @@ class Tokenizer:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         tokenize: bool = True,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> list[int] | str:
         """Renders a conversation with the chat template, as transformers does, and tokenizes it.
@@ -444,6 +445,9 @@ class Tokenizer:
           messages: [{"role": "user", "content": "Hi"}, ...]
           add_generation_prompt: end with the header of an assistant turn.
           tokenize: return ids; else the rendered string.
+          continue_final_message: end the text right after the last message's content, without
+            its end-of-turn, so that the model continues that message (prefilling the start of
+            an assistant reply); as transformers does. Excludes add_generation_prompt.
           **kwargs: more template variables, e.g. tools=[...] (JSON schemas).
 
         Raises:
@@ -451,11 +455,24 @@ class Tokenizer:
           ChatTemplateError: the template refused the conversation.
         """
         messages = _checked_messages(messages)
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ValueError("continue_final_message and add_generation_prompt exclude each "
+                                 "other: pass add_generation_prompt=False")  # fmt: skip
+            if not messages or not isinstance(messages[-1].get("content"), str):
+                raise ValueError("continue_final_message needs a last message with text content")
         variables = {**self.special_tokens, "tools": None, "documents": None, **kwargs}
         template = self._template(use_tools=variables["tools"] is not None)
         text = template.render(
             messages=messages, add_generation_prompt=add_generation_prompt, **variables
         )
+        if continue_final_message:
+            final = messages[-1]["content"].strip()
+            end = text.rfind(final)
+            if not final or end < 0:
+                raise ValueError("the chat template does not render the last message's content "
+                                 "verbatim, so it cannot be continued")  # fmt: skip
+            text = text[: end + len(final)]
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def _template(self, use_tools: bool) -> jinja2.Template:

@@ -1,6 +1,7 @@
 """End-to-end answer accuracy on the Britannica questions, with and without retrieval.
 
   python -m rag.eval.answers --index runs/rag_corpus [--model smollm2-135m-instruct] [--out F]
+      [--answer-prefix]
 
 Scoring rule (deterministic): the reply and each gold answer string are normalised (lowercase,
 every non-alphanumeric character a space, split into words); the answer is correct when one of
@@ -19,7 +20,7 @@ import re
 import time
 from collections.abc import Sequence
 
-from rag.answer import Completer, answer
+from rag.answer import ANSWER_PREFIX, Completer, answer
 from rag.eval.data import Query
 from rag.index import Index
 
@@ -58,20 +59,28 @@ def evaluate_answers(
     complete: Completer,
     k: int = 3,
     progress: bool = False,
+    answer_prefix: str | None = None,
 ) -> dict:
     """Accuracy and every reply, with retrieval (`rag.answer.answer`) and without."""
     records = []
     for q in questions:
         if not q.answers:
             raise ValueError(f"question {q.text!r} has no gold answer strings")
-        grounded = answer(q.text, index, complete, k=k, source=q.source)
+        grounded = answer(
+            q.text, index, complete, k=k, source=q.source, answer_prefix=answer_prefix
+        )
         bare = closed_book(q.text, complete)
+        first = grounded.citations[0] if grounded.citations else grounded.attributed
         records.append(
             {
                 "question": q.text,
                 "answers": list(q.answers),
                 "with_retrieval": grounded.text,
                 "with_retrieval_correct": is_correct(grounded.text, q.answers),
+                "cited": [c.number for c in grounded.citations],
+                "attributed": grounded.attributed.number if grounded.attributed else None,
+                # The source the answer names first (cited, else attributed) holds a gold string.
+                "source_holds_answer": first is not None and is_correct(first.text, q.answers),
                 "without_retrieval": bare,
                 "without_retrieval_correct": is_correct(bare, q.answers),
             }
@@ -87,6 +96,12 @@ def evaluate_answers(
     return {
         "accuracy_with_retrieval": sum(r["with_retrieval_correct"] for r in records) / n,
         "accuracy_without_retrieval": sum(r["without_retrieval_correct"] for r in records) / n,
+        "answers_citing": sum(bool(r["cited"]) for r in records),
+        "answers_attributed": sum(r["attributed"] is not None for r in records),
+        "named_source_holds_answer": sum(r["source_holds_answer"] for r in records),
+        "correct_with_named_source_holding_it": sum(
+            r["with_retrieval_correct"] and r["source_holds_answer"] for r in records
+        ),
         "questions": n,
         "records": records,
     }
@@ -98,6 +113,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--out", default=None, help="write accuracy and replies as JSON here")
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
+    parser.add_argument(
+        "--answer-prefix",
+        action="store_true",
+        help="prefill the grounded replies with rag.answer.ANSWER_PREFIX ('According to [')",
+    )
     args = parser.parse_args(argv)
 
     from models import load_pretrained
@@ -114,14 +134,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     with Index.open(args.index, embedder) as index:
         if article.source not in index.documents():
             raise ValueError(f"{args.index} does not hold {article.source}; index it first")
-        result = evaluate_answers(index, questions, complete, progress=True)
+        prefix = ANSWER_PREFIX if args.answer_prefix else None
+        result = evaluate_answers(index, questions, complete, progress=True, answer_prefix=prefix)
     result["seconds"] = time.perf_counter() - start
     result["model"] = args.model
     result["max_tokens"] = MAX_TOKENS
+    result["answer_prefix"] = prefix
     print(
         f"{result['questions']} questions, {args.model}, greedy, <= {MAX_TOKENS} tokens: "
         f"accuracy with retrieval {result['accuracy_with_retrieval']:.3f}, "
-        f"without {result['accuracy_without_retrieval']:.3f} ({result['seconds']:.0f} s)"
+        f"without {result['accuracy_without_retrieval']:.3f} ({result['seconds']:.0f} s); "
+        f"{result['answers_citing']} answers cite, {result['answers_attributed']} more are "
+        f"attributed by word overlap; the named source holds the answer in "
+        f"{result['named_source_holds_answer']}"
     )
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

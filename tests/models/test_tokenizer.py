@@ -129,6 +129,19 @@ def test_smollm2_special_tokens(smollm2):
 
 
 @pytest.mark.data
+def test_continue_final_message_prefills_the_reply(smollm2):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well, ["}]
+    full = smollm2.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    text = smollm2.apply_chat_template(
+        messages, add_generation_prompt=False, continue_final_message=True, tokenize=False
+    )
+    assert text.endswith("<|im_start|>assistant\nWell, [") and full.startswith(text)
+    assert full[len(text) :].startswith("<|im_end|>")  # only the end of the turn is cut
+    with pytest.raises(ValueError, match="exclude each other"):
+        smollm2.apply_chat_template(messages, continue_final_message=True)
+
+
+@pytest.mark.data
 @pytest.mark.parametrize("name", sorted(SMOLLM2["chats"]))
 def test_smollm2_chat_template_matches_transformers(smollm2, name):
     chat = SMOLLM2["chats"][name]

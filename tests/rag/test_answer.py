@@ -7,12 +7,15 @@ import pytest
 from rag_fakes import FakeEmbedder
 
 from rag.answer import (
+    ANSWER_PREFIX,
     NO_ANSWER,
     NO_SOURCES_PROMPT,
     SYSTEM_PROMPT,
     answer,
+    attribute,
     augment_messages,
     build_messages,
+    cut_source_echo,
     format_answer,
     render_sources,
     resolve_citations,
@@ -54,11 +57,17 @@ def test_resolve_citations_drops_unknown_numbers():
 
 
 def test_citations_resolve_to_the_numbered_sources(index):
-    model = StubModel("He was baptized in 1564 [1], married in 1582 [2] [5].")
-    result = answer("When was Shakespeare baptized?", index, model, k=3, min_similarity=0.0)
-    assert len(result.sources) == 3 and result.dropped == [5]
-    assert "[5]" not in result.text and "[1]" in result.text
-    prompt = model.messages[-1]["content"]
+    model = StubModel("1], he was baptized in 1564, married in 1582 [2] [5].")
+    result = answer(
+        "When was Shakespeare baptized?", index, model, k=3, min_similarity=0.0,
+        answer_prefix=ANSWER_PREFIX,
+    )  # fmt: skip
+    assert len(result.sources) == 3 and result.dropped == [5] and result.attributed is None
+    # The reply is prefilled with ANSWER_PREFIX, which the model continues with a number.
+    assert model.messages[-1] == {"role": "assistant", "content": ANSWER_PREFIX}
+    assert result.text == "According to [1], he was baptized in 1564, married in 1582 [2]."
+    assert [c.number for c in result.citations] == [1, 2]
+    prompt = model.messages[-2]["content"]
     for i, hit in enumerate(result.sources, start=1):
         assert f"[{i}] ({hit.chunk.title})\n{hit.chunk.text}" in prompt
     for c in result.citations:
@@ -71,6 +80,35 @@ def test_citations_resolve_to_the_numbered_sources(index):
         )
         assert DOC[c.start : c.end] == c.text
     assert "Sources:" in format_answer(result)
+
+
+def test_a_reply_that_runs_on_into_a_source_header_is_cut(index):
+    hits = index.search("Globe", 2)
+    title = hits[1].chunk.title
+    model = StubModel(f"2], the Globe was built in 1599.\n\n[2] ({title})\nThe Globe [1]")
+    result = answer("When was the Globe built?", index, model, k=2, min_similarity=-1,
+                    answer_prefix=ANSWER_PREFIX)  # fmt: skip
+    assert result.text == "According to [2], the Globe was built in 1599."
+    assert [c.number for c in result.citations] == [2] and f"[2] ({title})" in result.raw_text
+    assert cut_source_echo("no echo [1] (here", hits) == "no echo [1] (here"
+    free = answer("When?", index, StubModel("In 1599 [1]."), k=2, min_similarity=-1)
+    assert free.text == "In 1599 [1]."  # no prefix by default
+
+
+def test_an_uncited_answer_is_attributed_by_word_overlap(index):
+    question = "What was the trade of Shakespeare's father?"
+    model = StubModel("His father was a glover and a burgess.")
+    result = answer(question, index, model, k=3, min_similarity=-1)
+    assert result.citations == [] and result.attributed is not None
+    assert "glover" in result.attributed.text and "burgess" in result.attributed.text
+    assert model.messages[-1]["role"] == "user"  # no prefix unless asked
+    out = format_answer(result)
+    assert f"  *[{result.attributed.number}] " in out and "the model cited none" in out
+    # Words only from the question, or shared by no source: no attribution.
+    assert attribute("Shakespeare's father had a trade.", question, result.sources) is None
+    assert attribute("A fishmonger in Leeds.", question, result.sources) is None
+    cited = answer(question, index, StubModel("A glover [1]."), k=3, min_similarity=-1)
+    assert cited.attributed is None  # the model's own citation stands
 
 
 def test_citations_always_refer_to_retrieved_chunks(index):

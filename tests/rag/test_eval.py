@@ -100,7 +100,8 @@ def test_evaluate_answers_with_a_stub_model(tmp_path):
 
     def complete(messages):
         seen.append(messages)
-        return "He was a glover [1]." if "Sources:" in messages[-1]["content"] else "A farmer."
+        grounded = any("Sources:" in m["content"] for m in messages)
+        return "He was a glover [1]." if grounded else "A farmer."
 
     with Index.open(tmp_path / "idx", FakeEmbedder(), create=True) as index:
         index.add_paths([tmp_path / "a.md"])
@@ -109,6 +110,8 @@ def test_evaluate_answers_with_a_stub_model(tmp_path):
         result = answers.evaluate_answers(index, [q], complete)
         assert result["accuracy_with_retrieval"] == 1.0
         assert result["accuracy_without_retrieval"] == 0.0
+        assert result["answers_citing"] == 1 and result["answers_attributed"] == 0
+        assert result["named_source_holds_answer"] == 1
         assert seen[1][0]["content"] == answers.CLOSED_BOOK_PROMPT  # no sources closed-book
         with pytest.raises(ValueError, match="no gold answer"):
             answers.evaluate_answers(index, [Query("q", source, ((0, 1),))], complete)
