@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from rag.index import Hit, Index
+from rag.search import bm25_tokenize
 
 Messages = list[dict[str, str]]
 Completer = Callable[[Messages], str]
@@ -35,7 +36,7 @@ NO_SOURCES_PROMPT = (
 
 # A start for the reply (`answer(answer_prefix=...)`), prefilled so that the model goes on
 # with a source number. On the 52 evaluation questions SmolLM2-135M then cites in all 52 answers
-# (7 unprompted) at the same accuracy, but its sentences get worse (it takes "[2]" for the
+# (2 unprompted) at the same accuracy, but its sentences get worse (it takes "[2]" for the
 # answer: "Shakespeare was born in [2]."), so it is opt-in; word-overlap attribution
 # (`attribute`) is the default for uncited answers (docs/rag.md).
 ANSWER_PREFIX = "According to ["
@@ -97,33 +98,23 @@ def build_messages(question: str, hits: Sequence[Hit]) -> Messages:
     ]
 
 
-_WORD = re.compile(r"[0-9a-z]+")
-# Words too common to show where an answer came from.
-_STOPWORDS = frozenset(
-    "the and for are but not you all any can had her was one our out has his how its may new "
-    "now old see two who did get him let say she too use that with have this will your from "
-    "they been were said each which their what when where there would about into than them "
-    "these some could other then also after answer question source sources".split()
-)
+# Words of a reply's boilerplate ("The answer is ...") that say nothing of where it came from.
+_REPLY_WORDS = frozenset({"answer", "question", "source", "sources", "according"})
 
 
 def attribute(text: str, question: str, hits: Sequence[Hit], min_words: int = 2) -> int | None:
     """The number of the source the answer's new words come from, when the model cited none.
 
-    New words: the answer's words of three letters or more (or digits) that are not in the
-    question and not stop words. The source sharing the most of them wins (the higher-ranked on
+    New words: the answer's words (`bm25_tokenize`: lowercased, no stop words) of three letters
+    or more, or digits, that are not in the question. The source sharing the most of them wins (the higher-ranked on
     a tie); None when no source shares `min_words`. This is attribution by word overlap, done
     by this code, not a citation the model made.
     """
-    asked = set(_WORD.findall(question.lower()))
-    new = {
-        w
-        for w in _WORD.findall(text.lower())
-        if (len(w) >= 3 or w.isdigit()) and w not in asked and w not in _STOPWORDS
-    }
+    asked = set(bm25_tokenize(question)) | _REPLY_WORDS
+    new = {w for w in bm25_tokenize(text) if (len(w) >= 3 or w.isdigit()) and w not in asked}
     best, best_count = None, min_words - 1
     for i, hit in enumerate(hits, start=1):
-        count = len(new & set(_WORD.findall(hit.chunk.text.lower())))
+        count = len(new & set(bm25_tokenize(hit.chunk.text)))
         if count > best_count:
             best, best_count = i, count
     return best
