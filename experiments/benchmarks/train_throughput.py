@@ -1,18 +1,22 @@
 """Training speed: our train step on the main job, and baby GPT end to end against nanoGPT.
 
-Run from the repository root, on an otherwise idle machine (the JSON records the load average;
-on 2 shared cores both runs slow down many-fold when another job competes):
+Run from the repository root, on an otherwise idle machine:
   python experiments/benchmarks/train_throughput.py --peer-python PYTHON_WITH_TORCH
 (any interpreter with torch and numpy, e.g. a separate venv with `pip install torch numpy`;
 torch is never a dependency of this project)
-Quick check: add `--steps 60`. Without --peer-python the PyTorch peer (nanogpt_peer.py) is skipped.
+Quick check: add `--steps 60 --repeats 1`. Without --peer-python the PyTorch peer
+(nanogpt_peer.py) is skipped.
 
 Measures (a) the jitted train step of experiments/shakespeare_char.py (and its :baby variant when
 that differs): compile time, median step time, tokens/s, MFU, each in a fresh interpreter on one
 CPU device using every core and, on a CPU host, on one single-threaded device per core
 (parallel/cpu.py, what the configs use); (b) on a GPU, GPT-2 124M at bf16; (c) our whole :baby
-training run, as `python -m train` runs it, and the peer's on the same token streams, one after
-the other.
+training run, `python -m train` in a fresh process, and the peer's on the same token streams,
+`--repeats` times each, interleaved and never at the same time, in alternating order. Wall times
+run from process start to exit for both. Shared machines are noisy (a 2-core VM's timings drift by
+tens of percent over minutes), so each run also records the CPU time the rest of the machine
+used meanwhile (other_cpu_s) and the hypervisor's steal, and the summary is the median of the
+per-pair ratios.
 Prints markdown tables; writes JSON to --out and to train_throughput.json beside this script.
 """
 
@@ -24,6 +28,8 @@ import json
 import os
 import pathlib
 import platform
+import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -46,7 +52,7 @@ from parallel.cpu import (  # noqa: E402
     use_cpu_cores,
 )
 from train import trainer  # noqa: E402
-from train.config_lib import apply_overrides, load_config_script  # noqa: E402
+from train.config_lib import load_config_script  # noqa: E402
 from train.corpus import load_corpus  # noqa: E402
 from train.input_pipeline import build_datasets  # noqa: E402
 from train.optimizer import make_optimizer  # noqa: E402
@@ -190,25 +196,65 @@ def gpt2_step(timed_steps: int, batch_size: int, peak: float | None) -> dict:
     }
 
 
+def host_cpu_seconds() -> tuple[float, float]:
+    """(busy, steal): CPU seconds this machine has spent busy, and lost to its hypervisor, since
+    boot (/proc/stat; NaN elsewhere)."""
+    try:
+        fields = pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return float("nan"), float("nan")
+    ticks = [int(f) for f in fields] + [0] * 8
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks[:8]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / hz, steal / hz
+
+
+def timed_run(cmd: list[str], cwd: pathlib.Path | None = None) -> tuple[str, dict]:
+    """Runs `cmd` to completion; returns its stdout and how long it took and what else ran.
+
+    other_cpu_s is the CPU time the rest of the machine used meanwhile (busy time minus the
+    command's own), steal_s the time the hypervisor took: either above a few seconds means the
+    run competed for the cores and its timings are not clean.
+    """
+
+    def own() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    busy0, steal0, own0 = *host_cpu_seconds(), own()
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd)
+    wall = time.perf_counter() - start
+    busy1, steal1, own1 = *host_cpu_seconds(), own()
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[:4]} exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc.stdout, {
+        "wall_s": wall,
+        "cpu_s": own1 - own0,
+        "other_cpu_s": max(0.0, (busy1 - busy0) - (own1 - own0)),
+        "steal_s": steal1 - steal0,
+    }
+
+
 def run_ours(spec: str, steps: int, workdir: pathlib.Path) -> dict:
-    """Our whole training run (train_and_evaluate) of `spec` for `steps` steps in `workdir`.
+    """Our whole training run of `spec` for `steps` steps, as a user runs it:
+    `python -m train --config SPEC --workdir DIR` in a fresh interpreter (imports included).
 
     The learning-rate schedule keeps the config's horizon, so a short run is the start of the
     full one. The final text sample is off (the peer does not sample); checkpoints stay on.
     """
     config = load_config(spec)
     horizon = config.optimizer.decay_steps or config.train.num_steps
-    apply_overrides(
-        config,
-        [
-            f"train.num_steps={steps}",
-            f"optimizer.decay_steps={horizon}",
-            "train.progress_bar=false",
-            "train.sample_tokens=0",
-        ],
-    )
-    result = trainer.train_and_evaluate(config, workdir)
-    records = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    overrides = [
+        f"train.num_steps={steps}",
+        f"optimizer.decay_steps={horizon}",
+        "train.progress_bar=false",
+        "train.sample_tokens=0",
+    ]
+    cmd = [sys.executable, "-m", "train", "--config", spec, "--workdir", str(workdir)]
+    stdout, timing = timed_run(cmd + [f"--config.{o}" for o in overrides], cwd=ROOT)
+    devices = re.search(r"CPU: (\d+) single-threaded devices", stdout)
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "step_time_s" in r]
     # Each log record averages the steps since the last log or eval; the first holds the compile.
     train_time, previous = 0.0, 0
@@ -218,13 +264,15 @@ def run_ours(spec: str, steps: int, workdir: pathlib.Path) -> dict:
     steady = [r["step_time_s"] for r in logged[1:]] or [logged[0]["step_time_s"]]
     model_cfg = json.loads((workdir / "model_config.json").read_text())
     return {
-        "steps": result.final_step,
-        "total_time_s": result.elapsed_s,
+        "steps": max(r["step"] for r in records),
+        "total_time_s": timing["wall_s"],
         "train_time_s": train_time,
         "step_time_ms": 1e3 * statistics.median(steady),
-        "val_loss": result.val_loss,
-        "train_loss": result.train_loss,
+        "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1],
+        "train_loss": [r["loss"] for r in records if "loss" in r][-1],
         "vocab_size": model_cfg["vocab_size"],
+        "devices": int(devices.group(1)) if devices else 1,
+        **timing,
     }
 
 
@@ -238,10 +286,20 @@ def token_stream(docs, tokenizer) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def run_peer(
-    python: str, spec: str, steps: int, ours_workdir: pathlib.Path, tmp: pathlib.Path
-) -> dict:
-    """nanogpt_peer.py on our run's train/val token streams, with the same schedule and eval."""
+def peer_data(spec: str, ours_workdir: pathlib.Path, tmp: pathlib.Path) -> dict:
+    """Writes our run's train/val token streams (its tokenizer's ids) for the peer; returns the
+    peer's data flags."""
+    config = load_config(spec)
+    tokenizer = load_tokenizer(ours_workdir / "tokenizer")  # the very ids our run trained on
+    corpus = load_corpus(config.data.source, config.data.val_names)
+    np.save(tmp / "train.npy", token_stream(corpus.train, tokenizer))
+    np.save(tmp / "val.npy", token_stream(corpus.val, tokenizer))
+    vocab_size = json.loads((ours_workdir / "model_config.json").read_text())["vocab_size"]
+    return {"train": tmp / "train.npy", "val": tmp / "val.npy", "vocab-size": vocab_size}
+
+
+def run_peer(python: str, spec: str, steps: int, data_flags: dict) -> dict:
+    """nanogpt_peer.py on our run's token streams (peer_data), with the same schedule and eval."""
     config = load_config(spec)
     m, d, opt = config.model, config.data, config.optimizer
     if (m.norm, m.mlp_activation, m.position, m.mlp_dim) != (
@@ -255,15 +313,8 @@ def run_peer(
         raise ValueError(
             f"{spec}: the peer hard-codes betas (0.9, 0.99), clip 1.0, no accumulation"
         )
-    tokenizer = load_tokenizer(ours_workdir / "tokenizer")  # the very ids our run trained on
-    corpus = load_corpus(d.source, d.val_names)
-    np.save(tmp / "train.npy", token_stream(corpus.train, tokenizer))
-    np.save(tmp / "val.npy", token_stream(corpus.val, tokenizer))
-    vocab_size = json.loads((ours_workdir / "model_config.json").read_text())["vocab_size"]
     flags = {
-        "train": tmp / "train.npy",
-        "val": tmp / "val.npy",
-        "vocab-size": vocab_size,
+        **data_flags,
         "steps": steps,
         "decay-steps": opt.decay_steps or config.train.num_steps,
         "warmup": opt.warmup_steps,
@@ -280,14 +331,10 @@ def run_peer(
         "eval-batch-size": d.get("eval_batch_size") or d.batch_size,
     }
     cmd = [python, str(PEER_SCRIPT)] + [f"--{k}={v}" for k, v in flags.items()]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise RuntimeError(f"peer exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return {
-        **json.loads(proc.stdout.strip().splitlines()[-1]),
-        "wall_s": time.perf_counter() - start,
-    }
+    stdout, timing = timed_run(cmd)
+    peer = json.loads(stdout.strip().splitlines()[-1])
+    peer["in_process_time_s"] = peer.pop("total_time_s")  # from after its imports
+    return {**peer, "total_time_s": timing["wall_s"], **timing}
 
 
 def cpu_model() -> str:
@@ -310,7 +357,6 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         peak, peak_source = trainer.peak_flops(0.0), "trainer.PEAK_FLOPS (dense bf16 datasheet)"
     report = {
         "date": datetime.date.today().isoformat(),
-        "cpu_devices": jax.device_count() if backend == "cpu" else None,
         "host": platform.node(),
         "backend": backend,
         "device_kind": jax.devices()[0].device_kind,
@@ -353,22 +399,46 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "tanh GELU, shuffled packed windows; peer (nanoGPT): tied, LayerNorm without bias, "
         "exact GELU, random windows",
     }
+    e2e["runs"] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
-        e2e["ours"] = run_ours(args.e2e_config, steps, tmp / "ours")
-        if args.peer_python:  # strictly after ours: the two never share the cores
-            e2e["peer"] = run_peer(args.peer_python, args.e2e_config, steps, tmp / "ours", tmp)
-            e2e["peer_over_ours_total_time"] = (
-                e2e["peer"]["total_time_s"] / e2e["ours"]["total_time_s"]
-            )
-            e2e["peer_over_ours_step_time"] = (
-                e2e["peer"]["step_time_ms"] / e2e["ours"]["step_time_ms"]
-            )
-        else:
-            e2e["peer"] = "skipped: no --peer-python"
+        data_flags = None
+        for i in range(args.repeats):
+            # The two never share the cores; their order alternates so that a slow spell of the
+            # machine does not always land on the same one.
+            order = ("ours", "peer") if i % 2 == 0 else ("peer", "ours")
+            run = {"order": list(order) if args.peer_python else ["ours"]}
+            for who in run["order"]:
+                if who == "ours":
+                    run["ours"] = run_ours(args.e2e_config, steps, tmp / f"ours{i}")
+                    data_flags = data_flags or peer_data(args.e2e_config, tmp / f"ours{i}", tmp)
+                else:
+                    run["peer"] = run_peer(args.peer_python, args.e2e_config, steps, data_flags)
+            e2e["runs"].append(run)
+            print(f"end-to-end run {i + 1}/{args.repeats}: " + ", ".join(
+                f"{who} {run[who]['total_time_s']:.1f} s" for who in run["order"]
+            ), file=sys.stderr, flush=True)  # fmt: skip
+    e2e["ours"] = _medians([r["ours"] for r in e2e["runs"]])
+    if args.peer_python:
+        e2e["peer"] = _medians([r["peer"] for r in e2e["runs"]])
+        for key, name in (("total_time_s", "total_time"), ("step_time_ms", "step_time")):
+            ratios = [r["peer"][key] / r["ours"][key] for r in e2e["runs"]]
+            e2e[f"peer_over_ours_{name}"] = statistics.median(ratios)
+            e2e[f"peer_over_ours_{name}_each"] = ratios
+    else:
+        e2e["peer"] = "skipped: no --peer-python"
     report["end_to_end"] = e2e
     report["load_avg_1m_at_end"] = os.getloadavg()[0]
     return report
+
+
+def _medians(runs: list[dict]) -> dict:
+    """Per-key medians of the runs' measurements (floats); everything else from the first run."""
+    out = dict(runs[0])
+    for key, value in out.items():
+        if isinstance(value, float):
+            out[key] = statistics.median(r[key] for r in runs)
+    return out
 
 
 def _fmt(value, spec: str = ".3g") -> str:
@@ -400,14 +470,15 @@ def format_tables(report: dict) -> str:
     e2e = report["end_to_end"]
     ours, peer = e2e["ours"], e2e["peer"]
     has_peer = isinstance(peer, dict)
+    runs = e2e["runs"]
     lines += [
         "",
-        f"| {e2e['config']}, {e2e['steps']} steps | ours (JAX, {report['cpu_devices'] or 1} "
-        "device(s)) | peer (PyTorch) | peer / ours |",
+        f"| {e2e['config']}, {e2e['steps']} steps, median of {len(runs)} run(s) | ours (JAX, "
+        f"{ours['devices']} device(s)) | peer (PyTorch) | peer / ours |",
         "|---|---|---|---|",
     ]
     rows = [
-        ("wall time, s (data + compile + train + eval)", "total_time_s", ".1f"),
+        ("wall time, s (process start to exit)", "total_time_s", ".1f"),
         ("train loop time, s (no eval)", "train_time_s", ".1f"),
         ("step time, ms (median)", "step_time_ms", ".2f"),
         ("val loss, held-out plays (nats/char)", "val_loss", ".4f"),
@@ -415,9 +486,26 @@ def format_tables(report: dict) -> str:
     for label, key, spec in rows:
         p = peer[key] if has_peer else None
         ratio = p / ours[key] if has_peer and key != "val_loss" else None
+        if has_peer and key in ("total_time_s", "step_time_ms"):  # the median of the ratios
+            ratio = e2e["peer_over_ours_" + key.rsplit("_", 1)[0]]
         lines.append(
             f"| {label} | {_fmt(ours[key], spec)} | {_fmt(p, spec) if has_peer else peer} | "
             f"{_fmt(ratio, '.2f')} |"
+        )
+    lines += [
+        "",
+        "| run | order | ours wall s | peer wall s | peer / ours | ours step ms | peer step ms | "
+        "other CPU s (ours, peer) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i, run in enumerate(runs):
+        o, p = run["ours"], run.get("peer") or {}
+        lines.append(
+            f"| {i + 1} | {', '.join(run['order'])} | {o['total_time_s']:.1f} | "
+            f"{_fmt(p.get('total_time_s'), '.1f')} | "
+            f"{_fmt(p['total_time_s'] / o['total_time_s'] if p else None, '.2f')} | "
+            f"{o['step_time_ms']:.2f} | {_fmt(p.get('step_time_ms'), '.2f')} | "
+            f"{o['other_cpu_s']:.1f}, {_fmt(p.get('other_cpu_s'), '.1f')} |"
         )
     if has_peer:
         lines.append(
@@ -435,6 +523,7 @@ def write_json(report: dict, path: pathlib.Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=0, help="end-to-end steps; 0: the config's (2000)")
+    p.add_argument("--repeats", type=int, default=3, help="end-to-end runs of each, interleaved")
     p.add_argument("--timed-steps", type=int, default=100, help="train steps timed in part (a)")
     p.add_argument(
         "--peer-python", default="", help="an interpreter with torch for nanogpt_peer.py"
@@ -467,9 +556,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     if args.step_only is not None:
         return step_only(args)
-    # The end-to-end run uses the devices its config asks for (as `python -m train` does), and
-    # a process's CPU devices are fixed when JAX starts: so choose them first.
-    trainer.use_cpu_cores_of(load_config(args.e2e_config))
     report = run_benchmark(args)
     print(format_tables(report))
     out = (

@@ -31,7 +31,8 @@ def test_train_throughput_runlocal(shakespeare_corpus, tmp_path):
     """The whole benchmark (step timing, end-to-end run, table, JSON) on :runlocal, no peer."""
     bench = _load_script("train_throughput")
     args = bench.parse_args(
-        ["--steps", "3", "--timed-steps", "2", "--config", RUNLOCAL, "--e2e-config", RUNLOCAL]
+        ["--steps", "3", "--timed-steps", "2", "--repeats", "1"]
+        + ["--config", RUNLOCAL, "--e2e-config", RUNLOCAL]
     )
     report = bench.run_benchmark(args)
 
@@ -46,8 +47,11 @@ def test_train_throughput_runlocal(shakespeare_corpus, tmp_path):
             assert 0 < step["mfu"] < 1.5  # relative to a measured matmul: may exceed 1 a little
     if report["backend"] == "cpu":
         assert report["gpt2_124m"].startswith("skipped")
-    ours = report["end_to_end"]["ours"]
-    assert ours["steps"] == 3 and np.isfinite(ours["val_loss"])
+    ours = report["end_to_end"]["ours"]  # `python -m train` in a fresh process
+    assert ours["steps"] == 3 and np.isfinite(ours["val_loss"]) and ours["devices"] == 1
+    assert ours["total_time_s"] == ours["wall_s"] > ours["train_time_s"] > 0
+    assert ours["other_cpu_s"] >= 0 and ours["cpu_s"] > 0
+    assert [run["order"] for run in report["end_to_end"]["runs"]] == [["ours"]]
     assert report["end_to_end"]["peer"].startswith("skipped")
 
     table = bench.format_tables(report)
