@@ -92,9 +92,10 @@ def _forward(graphdef, state, pages, tokens, tables, lengths, num_new, logit_ind
              update, rows, key_data, steps, counts, seen, bias):  # fmt: skip
     """Runs tokens [B, T] of rows `slots` through the model into the paged cache; samples.
 
-    Prefill is B prompts (a power of two) with T a bucket; decode is B a power of two with T=1. `slots` [B] are the
-    rows' engine slots (their penalty state in counts, seen and bias); `update` [B] marks the
-    rows whose sampled token counts for the penalties (padding rows use the spare last slot).
+    Prefill is B prompts (a power of two) with T a bucket; decode is B a power of two with T=1.
+    `slots` [B] are the rows' engine slots (their penalty state in counts, seen and bias);
+    `update` [B] marks the rows whose sampled token counts for the penalties (padding rows use
+    the spare last slot).
     """
     model = nnx.merge(graphdef, state)
     cache = with_rows(PagedKVCache(*pages[:2], None, None, None, *pages[2:]), tables, lengths,

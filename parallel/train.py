@@ -29,6 +29,17 @@ def batch_sharding(mesh: Mesh, rules: str | Rules) -> NamedSharding:
     return named_sharding(mesh, rules, ("batch",))
 
 
+def check_batch_size(size: int, mesh: Mesh, rules: str | Rules) -> None:
+    """Raises ValueError unless a global batch of `size` rows splits evenly over the shards of
+    the `batch` rule."""
+    spec = batch_sharding(mesh, rules).spec
+    num_shards = math.prod(mesh.shape[axis] for axis in _spec_axes(spec[:1]))
+    if size % num_shards:
+        raise ValueError(
+            f"global batch size {size} is not divisible by the {num_shards} batch shards of {spec}"
+        )
+
+
 def shard_batch(batch: dict, mesh: Mesh, rules: str | Rules) -> dict:
     """Makes global arrays from this process's rows of a batch, split by the `batch` rule.
 
@@ -37,16 +48,12 @@ def shard_batch(batch: dict, mesh: Mesh, rules: str | Rules) -> dict:
     processes' rows in process order. With one process this is `jax.device_put`.
     """
     sharding = batch_sharding(mesh, rules)
-    num_shards = math.prod(mesh.shape[axis] for axis in _spec_axes(sharding.spec[:1]))
 
     def to_global(x):
         x = np.asarray(x)
         # With several processes jax infers the global shape from the sharding and checks it.
-        if jax.process_count() == 1 and x.shape[0] % num_shards:
-            raise ValueError(
-                f"global batch size {x.shape[0]} is not divisible by the {num_shards} batch "
-                f"shards of {sharding.spec}"
-            )
+        if jax.process_count() == 1:
+            check_batch_size(x.shape[0], mesh, rules)
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree.map(to_global, batch)

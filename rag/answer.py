@@ -106,9 +106,9 @@ def attribute(text: str, question: str, hits: Sequence[Hit], min_words: int = 2)
     """The number of the source the answer's new words come from, when the model cited none.
 
     New words: the answer's words (`bm25_tokenize`: lowercased, no stop words) of three letters
-    or more, or digits, that are not in the question. The source sharing the most of them wins (the higher-ranked on
-    a tie); None when no source shares `min_words`. This is attribution by word overlap, done
-    by this code, not a citation the model made.
+    or more, or digits, that are not in the question. The source sharing the most of them wins
+    (the higher-ranked on a tie); None when no source shares `min_words`. This is attribution by
+    word overlap, done by this code, not a citation the model made.
     """
     asked = set(bm25_tokenize(question)) | _REPLY_WORDS
     new = {w for w in bm25_tokenize(text) if (len(w) >= 3 or w.isdigit()) and w not in asked}

@@ -378,6 +378,7 @@ def train_and_evaluate(
         else:  # the state is created straight into its shardings over a mesh (parallel/)
             from parallel.mesh import make_mesh
             from parallel.train import (
+                check_batch_size,
                 init_sharded_train_state,
                 make_sharded_train_step,
                 shard_batch,
@@ -386,6 +387,8 @@ def train_and_evaluate(
             if config.lora.rank or config.model.get("quant", "none") != "none":
                 raise ValueError("LoRA and quantized training run on one device")
             mesh, rules = make_mesh(config.parallel.mesh), config.parallel.rules
+            if jax.process_count() == 1:  # the steps get host batches (below): check them here
+                check_batch_size(config.data.batch_size, mesh, rules)
             graphdef, state, shardings = init_sharded_train_state(
                 model_cfg, optimizer, tcfg.seed, mesh, rules
             )
@@ -432,10 +435,10 @@ def train_and_evaluate(
         )  # fmt: skip
 
         def train_step(state, batch, key, frozen):
-            if jax.process_count() > 1:  # each process holds only its rows: make global arrays
+            # With one process the step splits host arrays by its in_shardings itself, 0.65 ms
+            # a call faster than making global arrays first; with several, each holds its rows.
+            if jax.process_count() > 1:
                 batch = shard_batch(batch, mesh, rules)
-            # With one process the step splits the host arrays by its in_shardings itself,
-            # which dispatches 0.65 ms faster than global arrays made first.
             return sharded_step(state, batch, key)
 
     eval_step = make_eval_step(graphdef)
@@ -481,8 +484,8 @@ def train_and_evaluate(
         if not all(flags):
             bad = done - len(flags) + 1 + flags.index(False)
             raise NonFiniteLossError(
-                f"NaN or inf in the loss or gradient at step {bad}; stopping. That step was not applied "
-                f"and nothing after it is saved: the last good checkpoint is step "
+                f"NaN or inf in the loss or gradient at step {bad}; stopping. That step was not "
+                f"applied and nothing after it is saved: the last good checkpoint is step "
                 f"{checkpointer.latest_step()} in {workdir / 'checkpoints'}."
             )
 

@@ -46,3 +46,14 @@ def test_pipelined_run_matches_one_device(corpus, tmp_path):
     for step, loss in single["losses"].items():
         assert piped["losses"][step] == pytest.approx(loss, rel=1e-4)
     assert piped["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
+
+
+def test_batch_that_does_not_split_over_the_mesh_is_refused_before_training(corpus, tmp_path):
+    # With one process the trainer hands host batches to the sharded step, so it checks the
+    # batch size against the mesh up front, with the same message as parallel.train.shard_batch.
+    with pytest.raises(
+        pytest.fail.Exception, match="global batch size 6 is not divisible by the 8"
+    ):
+        # (evaluation batches of 8 split fine: only the training batch is at fault)
+        train(tmp_path / "bad", 8, f"data.source={corpus}", "data.batch_size=6",
+              "data.eval_batch_size=8")  # fmt: skip
