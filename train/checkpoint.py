@@ -2,11 +2,17 @@
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash or
 kill mid-save leaves the previous step as the latest readable checkpoint (tmp directories are
-ignored and cleaned up on the next start).
+ignored and cleaned up when the next writer opens the directory).
+
+Only the run that trains into a directory opens it for writing. Anything that only reads it
+(evaluation, a notebook, a resume check) opens it with `read_only=True`: a writer deletes every
+tmp directory in the background as it opens, including the one a live run is saving into, and two
+writers on one directory race each other's clean-up.
 """
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from typing import Any
 
@@ -14,17 +20,46 @@ import jax
 import orbax.checkpoint as ocp
 
 
-class Checkpointer:
-    """Saves {"state": train state pytree, "data": iterator state, "meta": json} every N steps."""
+class _DropReadOnlyNotice(logging.Filter):
+    """Orbax warns "Given directory is read only" each time a reader opens; that is intended."""
 
-    def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
+
+
+class Checkpointer:
+    """Saves {"state": train state pytree, "data": iterator state, "meta": json} every N steps.
+
+    Use it as a context manager, or call `close()`, so that pending saves finish.
+    """
+
+    def __init__(
+        self,
+        directory: str | pathlib.Path,
+        keep: int = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            create=True,
-            cleanup_tmp_directories=True,
-            enable_async_checkpointing=async_save,
-        )
+        self.read_only = read_only
+        if read_only:  # touches nothing on disk: no directory created, no tmp clean-up
+            options = ocp.CheckpointManagerOptions(
+                read_only=True,
+                create=False,
+                cleanup_tmp_directories=False,
+                save_interval_steps=0,
+                enable_async_checkpointing=False,
+            )
+        else:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                create=True,
+                cleanup_tmp_directories=True,
+                enable_async_checkpointing=async_save,
+            )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta")
         )
@@ -33,6 +68,8 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+        if self.read_only:
+            raise PermissionError(f"checkpoint directory {self.directory} was opened read-only")
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -62,3 +99,9 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

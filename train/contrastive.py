@@ -339,10 +339,9 @@ def load_trained(workdir) -> tuple[CLIP, cd.WordTokenizer]:
     cfg = clip_config_from(config, data.tokenizer.vocab_size)
     optimizer, _ = make_optimizer(config.optimizer, config.train.num_steps)
     graphdef, state = init_state(cfg, optimizer, 0)
-    checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    state, _, _ = checkpointer.restore(step, state)
-    checkpointer.close()
+    with Checkpointer(workdir / "checkpoints", read_only=True) as checkpointer:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+        state, _, _ = checkpointer.restore(step, state)
     return nnx.merge(graphdef, state["params"]), data.tokenizer

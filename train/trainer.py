@@ -584,14 +584,13 @@ def load_for_inference(workdir: str | pathlib.Path) -> tuple[Decoder, Any]:
     model_cfg = ModelConfig.from_dict(json.loads((workdir / "model_config.json").read_text()))
     model = Decoder(model_cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
-    checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    restored = checkpointer.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-    )
-    checkpointer.close()
+    with Checkpointer(workdir / "checkpoints", read_only=True) as checkpointer:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+        restored = checkpointer.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )
     params = jax.tree.map(jnp.asarray, restored.state["params"])
     model = nnx.merge(graphdef, params)
     return model, load_tokenizer(workdir / "tokenizer")

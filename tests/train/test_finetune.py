@@ -99,11 +99,10 @@ def test_lora_trains_only_adapters_saves_peft_and_resumes(pretrained, chats, tmp
     config = sft_config(pretrained, chats, rank=4, alpha=8.0)
     config.train.num_steps = 4
     first = train_and_evaluate(config, tmp_path)
-    checkpointer = Checkpointer(tmp_path / "checkpoints", async_save=False)
-    saved = checkpointer.manager.restore(
-        4, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-    )
-    checkpointer.close()
+    with Checkpointer(tmp_path / "checkpoints", read_only=True) as checkpointer:
+        saved = checkpointer.manager.restore(
+            4, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )
     leaves = [np.asarray(x).size for x in jax.tree.leaves(saved.state["params"])]
     base = tiny_lm().model.cfg.num_params()
     assert 0 < sum(leaves) < 0.2 * base  # only adapter parameters are checkpointed

@@ -11,6 +11,7 @@ import json
 import math
 import pathlib
 import shutil
+import time
 import types
 
 import jax
@@ -80,16 +81,19 @@ def read_metrics(workdir) -> dict[int, dict]:
     return records
 
 
-@pytest.fixture(scope="session")
-def run_a(corpus_file, tmp_path_factory):
+# The runs that resumed runs are compared against. Module-scoped and built under
+# `jax_compile_cache`, so that they compile with the same XLA settings as the runs in the tests
+# (pytest sets up session fixtures before module ones, whatever the order of the tests).
+@pytest.fixture(scope="module")
+def run_a(corpus_file, tmp_path_factory, jax_compile_cache):
     """12 uninterrupted steps, checkpoints at 4, 8, 12, and a sample at the end."""
     workdir = tmp_path_factory.mktemp("run_a")
     result = trainer.train_and_evaluate(tiny_config(corpus_file, sample_tokens=16), workdir)
     return workdir, result
 
 
-@pytest.fixture(scope="session")
-def run_b_to_8(corpus_file, tmp_path_factory):
+@pytest.fixture(scope="module")
+def run_b_to_8(corpus_file, tmp_path_factory, jax_compile_cache):
     """The same run stopped at step 8 (same schedule: decay_steps is fixed)."""
     workdir = tmp_path_factory.mktemp("run_b")
     result = trainer.train_and_evaluate(tiny_config(corpus_file, num_steps=8), workdir)
@@ -145,7 +149,9 @@ def test_leftover_partial_checkpoint_is_ignored_on_resume(
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     (checkpoints / "16.orbax-checkpoint-tmp-1700000000").mkdir()  # older orbax naming
 
-    assert Checkpointer(checkpoints, async_save=False).latest_step() == 8
+    with Checkpointer(checkpoints, read_only=True) as reader:
+        assert reader.latest_step() == 8
+    assert partial.is_dir()  # a reader leaves tmp directories alone
     result = trainer.train_and_evaluate(tiny_config(corpus_file, num_steps=12), workdir)
     assert "Resumed from step 8" in capsys.readouterr().out
     assert result.final_step == 12
@@ -165,15 +171,14 @@ def test_non_finite_loss_stops_the_run_and_keeps_a_finite_checkpoint(corpus_file
     assert "nan" in message.lower() or "inf" in message.lower(), message
     assert "checkpoint" in message and str(tmp_path / "checkpoints") in message
 
-    checkpointer = Checkpointer(tmp_path / "checkpoints", async_save=False)
-    latest = checkpointer.latest_step()
-    bad_step = max(read_metrics(tmp_path), default=0) + 1
-    assert latest is not None and 1 <= latest < bad_step
-    assert f"step {latest}" in message
-    restored = checkpointer.manager.restore(  # raw arrays, no template needed
-        latest, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-    )
-    checkpointer.close()
+    with Checkpointer(tmp_path / "checkpoints", read_only=True) as checkpointer:
+        latest = checkpointer.latest_step()
+        bad_step = max(read_metrics(tmp_path), default=0) + 1
+        assert latest is not None and 1 <= latest < bad_step
+        assert f"step {latest}" in message
+        restored = checkpointer.manager.restore(  # raw arrays, no template needed
+            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )
     leaves = jax.tree.leaves(restored.state["params"])
     assert leaves and all(np.isfinite(np.asarray(leaf)).all() for leaf in leaves)
 
@@ -216,7 +221,8 @@ def test_non_finite_before_the_first_save_leaves_no_checkpoint(corpus_file, tmp_
     config.optimizer.grad_clip = 0.0
     with pytest.raises(trainer.NonFiniteLossError):
         trainer.train_and_evaluate(config, tmp_path)
-    assert Checkpointer(tmp_path / "checkpoints", async_save=False).latest_step() is None
+    with Checkpointer(tmp_path / "checkpoints", read_only=True) as checkpointer:
+        assert checkpointer.latest_step() is None
 
 
 def test_batch_must_split_into_micro_batches(corpus_file, tmp_path):
@@ -278,6 +284,22 @@ def test_load_for_inference_without_checkpoint_fails(run_a, tmp_path):
     shutil.copy(run_a[0] / "model_config.json", tmp_path / "model_config.json")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         trainer.load_for_inference(tmp_path)
+
+
+def test_reading_a_run_leaves_its_save_in_progress_alone(run_b_to_8, tmp_path):
+    """Loading the latest checkpoint (a notebook, an eval job) while the run is saving step 12
+    must not delete the run's tmp directory, and a reader cannot save."""
+    workdir = tmp_path / "b"
+    shutil.copytree(run_b_to_8, workdir)
+    in_progress = workdir / "checkpoints" / "12.orbax-checkpoint-tmp"
+    shutil.copytree(workdir / "checkpoints" / "8", in_progress)
+    trainer.load_for_inference(workdir)
+    with Checkpointer(workdir / "checkpoints", read_only=True) as reader:
+        assert reader.latest_step() == 8
+        with pytest.raises(PermissionError, match="read-only"):
+            reader.save(12, {}, {}, {})
+    time.sleep(0.5)  # a writer's clean-up runs in a background thread
+    assert in_progress.is_dir() and (in_progress / "state").is_dir()
 
 
 # ------------------------------------------------------------------------------------------------
